@@ -1,0 +1,239 @@
+"""One config system for every entry script: dataclasses + a YAML file (`--config`) + CLI overrides.
+
+The parser is TRL's `TrlParser` made strict:
+
+- an unknown or misspelled key (in the YAML or on the command line) is an error that names it and
+  suggests the closest valid key;
+- a value of the wrong type is an error that names the key (argparse converts strings; YAML values
+  that are already numbers, lists or booleans are checked against the dataclass annotation here,
+  because argparse never looks at non-string defaults);
+- a missing or unreadable config file is an error that names the path.
+
+Every such error is a `ConfigError`: `run()` prints it as one line and exits with status 2, never a
+traceback. Precedence: dataclass default < device default (see `_device_defaults`) < YAML < CLI.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import json
+import os
+import sys
+import types
+import typing
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from trl import ModelConfig, TrlParser
+
+
+class ClinalignError(Exception):
+    """A problem with the user's input (config, data, model path): shown as one line, exit status 2."""
+
+
+class ConfigError(ClinalignError):
+    """A config key, value or file that cannot be used."""
+
+
+@dataclasses.dataclass
+class ModelArgs(ModelConfig):
+    """TRL's `ModelConfig` (model path, dtype, LoRA, 4-bit) with the toolkit's defaults.
+
+    `model_name_or_path` accepts the built-in names of `clinalign.models` (`smollm2`, `tiny-llama`,
+    `tiny-gpt-oss`), a local folder, or a hub id.
+    """
+
+    model_name_or_path: str | None = dataclasses.field(
+        default="smollm2",
+        metadata={"help": "Base model: smollm2 (embedded default), tiny-llama, tiny-gpt-oss, a folder or a hub id."},
+    )
+    dtype: str | None = dataclasses.field(
+        default="auto",
+        metadata={
+            "help": "dtype of the frozen base weights. 'auto' = bfloat16 where the hardware has fast bf16 "
+            "matmuls (CUDA Ampere+, or a CPU with AVX512-BF16), else float32.",
+            "choices": ["auto", "bfloat16", "float16", "float32"],
+        },
+    )
+
+
+def _device_defaults() -> dict[str, Any]:
+    """Defaults for TrainingArguments fields that depend on the machine (YAML and CLI still override).
+
+    - No CUDA: train on the CPU (`use_cpu`), with bf16 autocast only where the CPU has AVX512-BF16.
+    - No CUDA but launched by `accelerate launch` with a DeepSpeed config: DeepSpeed needs
+      `use_cpu=False`, an explicit gloo backend (accelerate 1.15 otherwise sees one process), and
+      fp32 (its CPU path has no bf16 autocast).
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        return {"bf16": torch.cuda.is_bf16_supported()}
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        return {"use_cpu": False, "ddp_backend": "gloo", "bf16": False}
+    return {"use_cpu": True, "bf16": bool(torch.cpu._is_avx512_bf16_supported())}
+
+
+def _type_name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def _matches(value: Any, annotation: Any) -> bool:
+    """Whether a YAML value (already parsed, not a string) fits a dataclass annotation."""
+    if annotation is Any or annotation is typing.Any:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union or origin is types.UnionType:
+        return any(_matches(value, arg) for arg in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if origin is typing.Literal:
+        return value in typing.get_args(annotation)
+    if origin in (list, Sequence, tuple):
+        (item_type, *_) = typing.get_args(annotation) or (Any,)
+        return isinstance(value, list) and all(_matches(v, item_type) for v in value)
+    if origin is dict or annotation is dict:
+        return isinstance(value, dict)
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return isinstance(value, annotation) or value in {m.value for m in annotation}
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    return True  # an annotation we do not model (a class, a callable): let the dataclass decide
+
+
+class Parser(TrlParser):
+    """`TrlParser` that fails loudly and in one line (see the module docstring)."""
+
+    def __init__(self, dataclass_types: Sequence[type], **kwargs):
+        super().__init__(dataclass_types=list(dataclass_types), **kwargs)
+        self.explicit_keys: set[str] = set()  # keys the user set in the YAML or on the command line
+        self.config_path: str | None = None
+        self._hints = {}
+        for dtype in self.dataclass_types:
+            hints = typing.get_type_hints(dtype)
+            for f in dataclasses.fields(dtype):
+                if f.init:
+                    self._hints[f.name] = hints[f.name]
+
+    def error(self, message: str):  # argparse calls this instead of raising; it would print the whole usage
+        raise ConfigError(message)
+
+    def _valid_keys(self) -> list[str]:
+        return [a.dest for a in self._actions if a.dest != "help"]
+
+    def _unknown(self, key: str, where: str) -> ConfigError:
+        close = difflib.get_close_matches(key, self._valid_keys(), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return ConfigError(f"unknown config key '{key}' {where}{hint}")
+
+    def _load_yaml(self, path: str) -> dict[str, Any]:
+        if not Path(path).is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            config = yaml.safe_load(Path(path).read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if config is None:
+            return {}
+        if not isinstance(config, dict):
+            raise ConfigError(f"config file {path} must hold a YAML mapping of key: value")
+        return config
+
+    def parse(self, args: Sequence[str] | None = None) -> tuple:
+        args = list(sys.argv[1:] if args is None else args)
+        valid = set(self._valid_keys())
+        defaults = {k: v for k, v in _device_defaults().items() if k in valid}
+        self.set_defaults(**defaults)
+
+        if "--config" in args:
+            i = args.index("--config")
+            if i + 1 >= len(args):
+                raise ConfigError("--config needs a path to a YAML file")
+            self.config_path = args[i + 1]
+            del args[i : i + 2]
+            config = self._load_yaml(self.config_path)
+            for key, value in (config.pop("env", None) or {}).items():
+                os.environ[key] = str(value)
+            for key, value in config.items():
+                if key not in valid:
+                    raise self._unknown(key, f"in {self.config_path}")
+                if value is not None and not isinstance(value, str) and not _matches(value, self._hints[key]):
+                    raise ConfigError(
+                        f"config key '{key}' in {self.config_path} expects {_type_name(self._hints[key])}, "
+                        f"got {value!r}"
+                    )
+            self.set_defaults(**config)
+            self.explicit_keys |= set(config)
+
+        for arg in args:
+            if arg.startswith("--"):
+                key = arg[2:].split("=", 1)[0].replace("-", "_")
+                key = key[3:] if key.startswith("no_") and key[3:] in valid and key not in valid else key
+                if key not in valid:
+                    raise self._unknown(key, "on the command line")
+                self.explicit_keys.add(key)
+        try:
+            return tuple(self.parse_args_into_dataclasses(args=args, look_for_args_file=False))
+        except (ValueError, TypeError) as e:  # a dataclass __post_init__ rejected a value
+            raise ConfigError(str(e).strip().splitlines()[0]) from None
+
+
+def to_plain(value: Any) -> Any:
+    """A config value as plain YAML/JSON data (enums to their values, dataclasses to dicts)."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
+    if isinstance(value, dict):
+        return {str(k): to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_plain(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def resolved_config(*configs: Any) -> dict[str, Any]:
+    """The flat key: value mapping of parsed dataclasses, loadable again with `--config`."""
+    resolved: dict[str, Any] = {}
+    for config in configs:
+        for f in dataclasses.fields(config):
+            if f.init and not f.name.startswith("_"):
+                resolved[f.name] = to_plain(getattr(config, f.name))
+    return resolved
+
+
+def write_resolved_config(output_dir: str | Path, *configs: Any, name: str = "config.yaml") -> Path:
+    path = Path(output_dir) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(resolved_config(*configs), sort_keys=False))
+    return path
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    """Write JSON atomically (temp file + rename), so a killed run never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(to_plain(data), indent=2, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def run(main: Callable[..., Any], parser: Parser, args: Sequence[str] | None = None) -> Any:
+    """Parse, call `main(*configs)`, and turn a `ClinalignError` into one line on stderr + exit 2."""
+    try:
+        return main(*parser.parse(args))
+    except ClinalignError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
