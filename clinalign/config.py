@@ -51,6 +51,9 @@ class ModelArgs(ModelConfig):
         default="smollm2",
         metadata={"help": "Base model: smollm2 (embedded default), tiny-llama, tiny-gpt-oss, a folder or a hub id."},
     )
+    use_peft: bool = dataclasses.field(
+        default=True, metadata={"help": "Train a LoRA adapter (the toolkit's stages all do) instead of all weights."}
+    )
     dtype: str | None = dataclasses.field(
         default="auto",
         metadata={

@@ -390,10 +390,12 @@ def base_fingerprint(model) -> str:
     return h.hexdigest()[:16]
 
 
-def write_adapter_provenance(adapter_dir: str | Path, base_name: str, model) -> None:
+def write_adapter_provenance(adapter_dir: str | Path, base_name: str, model, **extra) -> None:
+    """Record which base an adapter belongs to (and e.g. `merged_adapter`, an SFT adapter merged into it)."""
     from clinalign.config import write_json
 
-    write_json(Path(adapter_dir) / PROVENANCE_FILE, {"base": base_name, "fingerprint": base_fingerprint(model)})
+    record = {"base": base_name, "fingerprint": base_fingerprint(model), **extra}
+    write_json(Path(adapter_dir) / PROVENANCE_FILE, record)
 
 
 def check_adapter_base(adapter_dir: str | Path, base_name: str, model) -> None:

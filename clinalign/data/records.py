@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
 from typing import Any
 
@@ -80,3 +81,10 @@ class Record:
     def from_dict(cls, data: dict[str, Any]) -> Record:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def is_held_out(key: str, fraction: float) -> bool:
+    """A deterministic split, stable across runs and machines: the key's hash, read as a number in [0, 1),
+    falls below `fraction`. Every stage splits with this (records by source:id, safety prompts by id), so
+    what SFT, the reward model and DPO train on is never what eval holds out."""
+    return int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) / 0x100000000 < fraction

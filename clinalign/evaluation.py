@@ -1,0 +1,290 @@
+"""Generation-based metrics in the toolkit's own chat format, text overlap, and KL to a reference.
+
+- `generate_responses`: batched greedy generation (left padding) from chat messages rendered with
+  the tokenizer's chat template, i.e. the format SFT trained on (`clinalign.prompts`).
+- `answer_metrics`: accuracy of the answer extracted by the shared factuality extractor, the share
+  of responses with no extractable answer, exact match of the answer line, and ROUGE-L / BLEU of
+  the generated explanations against the records' reference explanations.
+- `text_overlap`: ROUGE-L F1 (`rouge-score`, mean over pairs) and corpus BLEU (`sacrebleu`).
+- `kl_to_reference`: KL(model || reference) per sequence on sampled responses, with the k1 and k3
+  estimators (http://joschu.net/blog/kl-approx.html); `kl_estimators` is the pure part.
+
+Log-likelihood multiple-choice accuracy (lm-eval's protocol) lives in `clinalign.mc_eval`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from clinalign.config import ClinalignError
+from clinalign.data.records import Record, normalize_text
+from clinalign.mc_eval import no_router_logits
+from clinalign.prompts import answer_line
+
+EXPLANATION_MARKER = "Explanation:"
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation
+
+
+def _render(tokenizer, messages_list: Sequence[list[dict[str, str]]]) -> list[str]:
+    if tokenizer.chat_template is None:
+        raise ClinalignError("the tokenizer has no chat template: generation metrics need the chat format")
+    return [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in messages_list]
+
+
+def _left_padded(tokenizer, texts: list[str], device) -> dict[str, torch.Tensor]:
+    if tokenizer.pad_token_id is None:
+        raise ClinalignError("the tokenizer has no pad token: load it with clinalign.models.load_tokenizer")
+    # The chat template already holds any BOS the model expects.
+    enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    return {k: v.to(device) for k, v in enc.items()}
+
+
+def _batches(texts: list[str], tokenizer, batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar prompt length (little padding); order restored by the caller."""
+    if batch_size < 1:
+        raise ClinalignError(f"batch_size must be at least 1, got {batch_size}")
+    lengths = [len(tokenizer(t, add_special_tokens=False).input_ids) for t in texts]
+    order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def generate_responses(
+    model,
+    tokenizer,
+    messages_list: Sequence[list[dict[str, str]]],
+    *,
+    max_new_tokens: int = 256,
+    batch_size: int = 8,
+    skip_special_tokens: bool = True,
+    progress: bool = True,
+) -> list[str]:
+    """Greedy responses, one per conversation, in order.
+
+    Keep the special tokens (`skip_special_tokens=False`) for harmony models, whose channel markers
+    `harmony.render.parse_completion` needs to find the final answer.
+    """
+    texts = _render(tokenizer, messages_list)
+    device = next(model.parameters()).device
+    eos_ids = _eos_ids(model, tokenizer)
+    responses: list[str | None] = [None] * len(texts)
+    batches = _batches(texts, tokenizer, batch_size)
+    with _eval_mode(model):
+        for batch in tqdm(batches, desc="generating", unit="batch", disable=not progress):
+            enc = _left_padded(tokenizer, [texts[i] for i in batch], device)
+            out = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            new_tokens = out[:, enc["input_ids"].shape[1] :]
+            keep = _response_mask(new_tokens, eos_ids).bool()  # drop the padding after each EOS
+            for i, tokens, kept in zip(batch, new_tokens, keep):
+                responses[i] = tokenizer.decode(tokens[kept], skip_special_tokens=skip_special_tokens).strip()
+    return responses
+
+
+# ----------------------------------------------------------------------------------------------
+# Answer and text metrics
+
+
+def response_explanation(response: str) -> str:
+    """The explanation part of a response: after 'Explanation:', else everything after an 'Answer:' line."""
+    if EXPLANATION_MARKER in response:
+        return response.split(EXPLANATION_MARKER, 1)[1].strip()
+    lines = response.strip().splitlines()
+    if lines and lines[0].strip().lower().startswith("answer"):
+        lines = lines[1:]
+    return "\n".join(lines).strip()
+
+
+def text_overlap(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float | int]:
+    """ROUGE-L F1 (mean over pairs, 0-1, Porter stemming) and corpus BLEU (sacrebleu, 0-100)."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    if len(predictions) != len(references):
+        raise ClinalignError(f"{len(predictions)} predictions but {len(references)} references")
+    if not predictions:
+        raise ClinalignError("text_overlap needs at least one prediction/reference pair")
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    rouge = [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)]
+    bleu = sacrebleu.corpus_bleu(list(predictions), [list(references)])
+    return {"rougeL": sum(rouge) / len(rouge), "bleu": bleu.score, "n": len(rouge)}
+
+
+def answer_metrics(records: Sequence[Record], responses: Sequence[str]) -> dict[str, float | int | None]:
+    """Metrics of generated responses against their records.
+
+    - `acc`: the answer extracted by `clinalign.factuality.extract_answer` equals the gold answer
+      (no answer counts as wrong), over the `n` labeled records;
+    - `exact_match`: the response's first line is exactly the reference answer line of the trained
+      format ('Answer: B. <option text>' / 'Answer: yes'), up to whitespace and case;
+    - `no_answer`: share of all responses with no extractable answer;
+    - `rougeL`, `bleu`: the generated explanations against the `n_explained` records that have a
+      reference explanation (None when none has).
+    """
+    from clinalign.factuality import extract_answer  # written alongside; imported when used
+
+    if len(records) != len(responses):
+        raise ClinalignError(f"{len(records)} records but {len(responses)} responses")
+    extracted = [extract_answer(response, record.choices) for record, response in zip(records, responses)]
+    labeled = [(r, resp, e) for r, resp, e in zip(records, responses, extracted) if r.answer is not None]
+    n = len(labeled)
+
+    def first_line(text: str) -> str:
+        return normalize_text(text.strip().split("\n", 1)[0]).casefold()
+
+    explained = [(r, resp) for r, resp in zip(records, responses) if r.explanation]
+    overlap = (
+        text_overlap([response_explanation(resp) for _, resp in explained], [r.explanation for r, _ in explained])
+        if explained
+        else {"rougeL": None, "bleu": None}
+    )
+    return {
+        "acc": sum(e == r.answer for r, _, e in labeled) / n if n else None,
+        "exact_match": sum(first_line(resp) == first_line(answer_line(r)) for r, resp, _ in labeled) / n if n else None,
+        "no_answer": sum(e is None for e in extracted) / len(extracted) if extracted else None,
+        "n": n,
+        "rougeL": overlap["rougeL"],
+        "bleu": overlap["bleu"],
+        "n_explained": len(explained),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# KL to a reference
+
+
+def kl_estimators(
+    logp_model: torch.Tensor, logp_ref: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence sums of the k1 and k3 KL(model || ref) estimators over the masked tokens.
+
+    With tokens sampled from the model and log r = logp_ref - logp_model per token:
+    k1 = -log r (unbiased, can be negative), k3 = (r - 1) - log r (unbiased, never negative).
+    Inputs are [batch, tokens]; returns two [batch] tensors.
+    """
+    mask = mask.to(torch.float64)
+    log_ratio = logp_ref.to(torch.float64) - logp_model.to(torch.float64)
+    k1 = (-log_ratio * mask).sum(-1)
+    k3 = ((torch.expm1(log_ratio) - log_ratio) * mask).sum(-1)
+    return k1, k3
+
+
+def _response_mask(response_ids: torch.Tensor, eos_ids: set[int]) -> torch.Tensor:
+    """1 for generated tokens up to and including the first EOS; 0 for the padding after it."""
+    is_eos = torch.zeros_like(response_ids, dtype=torch.bool)
+    for eos in eos_ids:
+        is_eos |= response_ids == eos
+    ended_before = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
+    return (~ended_before).long()
+
+
+@torch.no_grad()
+def _response_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Tensor, n_response: int) -> torch.Tensor:
+    device = next(model.parameters()).device
+    sequences, attention_mask = sequences.to(device), attention_mask.to(device)
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(
+        input_ids=sequences,
+        attention_mask=attention_mask,
+        position_ids=positions,
+        logits_to_keep=n_response + 1,
+        **no_router_logits(model),
+    ).logits[:, :-1]
+    targets = sequences[:, -n_response:]
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1).cpu()
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def kl_to_reference(
+    model,
+    reference,
+    tokenizer,
+    messages_list: Sequence[list[dict[str, str]]],
+    *,
+    max_new_tokens: int = 64,
+    num_samples: int = 1,
+    seed: int = 0,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict[str, float | int]:
+    """KL(model || reference) per sequence on responses sampled from the model (temperature 1, no top-k/p).
+
+    `reference` is another model sharing the tokenizer, or None for the same PeftModel with its
+    adapters disabled. Returns the mean over sequences of the k1 and k3 sums (nats per sequence),
+    the number of sequences `n` and their mean response length in tokens.
+    """
+    if reference is None and not hasattr(model, "disable_adapter"):
+        raise ClinalignError("reference=None means 'the model without its adapters': the model has no adapters")
+    texts = _render(tokenizer, messages_list)
+    device = next(model.parameters()).device
+    eos_ids = _eos_ids(model, tokenizer)
+    k1_all, k3_all, lengths = [], [], []
+    batches = _batches(texts, tokenizer, batch_size)
+    with _eval_mode(model), torch.random.fork_rng():
+        torch.manual_seed(seed)
+        for batch in tqdm(batches, desc="KL to reference", unit="batch", disable=not progress):
+            enc = _left_padded(tokenizer, [texts[i] for i in batch], device)
+            with torch.no_grad():
+                sequences = model.generate(
+                    **enc,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=True,
+                    temperature=1.0,
+                    top_k=0,
+                    top_p=1.0,
+                    num_return_sequences=num_samples,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+            n_prompt = enc["input_ids"].shape[1]
+            response_mask = _response_mask(sequences[:, n_prompt:], eos_ids)
+            attention = torch.cat([enc["attention_mask"].repeat_interleave(num_samples, 0), response_mask], dim=1)
+            n_response = sequences.shape[1] - n_prompt
+            logp_model = _response_logprobs(model, sequences, attention, n_response)
+            if reference is None:
+                with model.disable_adapter():
+                    logp_ref = _response_logprobs(model, sequences, attention, n_response)
+            else:
+                with _eval_mode(reference):
+                    logp_ref = _response_logprobs(reference, sequences, attention, n_response)
+            k1, k3 = kl_estimators(logp_model, logp_ref, response_mask.cpu())
+            k1_all += k1.tolist()
+            k3_all += k3.tolist()
+            lengths += response_mask.sum(-1).tolist()
+    n = len(k1_all)
+    return {
+        "kl_k1": sum(k1_all) / n,
+        "kl_k3": sum(k3_all) / n,
+        "n": n,
+        "mean_response_tokens": sum(lengths) / n,
+    }

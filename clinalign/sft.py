@@ -1,0 +1,167 @@
+"""The staged-SFT training path, shared by `sft/run.py` and `benchmarks/sft_throughput.py`.
+
+A curriculum is a list of stages (default PubMedQA -> MedMCQA -> MedQA). Each stage continues the
+previous stage's LoRA adapter on its own data and saves its own adapter. What lives here:
+
+- `Stage`: one curriculum entry, validated strictly (a typo in a stage key names the key);
+- `stage_examples`: records -> a TRL dataset in the one prompt format (conversational
+  prompt/completion, or pre-tokenized harmony examples for GPT-OSS);
+- `PlainLossSFTTrainer`: TRL's SFTTrainer with the model's own loss (see its docstring for why);
+- the stage folder protocol: an adapter folder appears (atomic rename) only once fully written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset
+from transformers import Trainer
+from trl import SFTTrainer
+
+from clinalign.config import ConfigError
+from clinalign.data.records import Record, is_held_out
+from clinalign.prompts import to_chat_example
+
+COMPLETE_MARKER = "COMPLETE"
+
+
+@dataclasses.dataclass
+class Stage:
+    """One curriculum stage: its data and its length (steps or epochs)."""
+
+    name: str
+    data: str  # a local file or a hub id, read by clinalign.data.load_records
+    dataset: str = "auto"  # converter family: auto, pubmedqa, medmcqa, medqa
+    max_steps: int = -1  # > 0 wins over num_train_epochs, as in TrainingArguments
+    num_train_epochs: float = 1.0
+    eval_data: str | None = None  # held-out file; default: a deterministic eval_fraction of `data`
+    learning_rate: float | None = None  # default: the config's learning_rate
+    hub_config: str | None = None  # hub dataset config name (e.g. pqa_labeled)
+    split: str | None = None  # hub split (default: train)
+
+    @classmethod
+    def parse(cls, index: int, raw: Any) -> Stage:
+        where = f"curriculum[{index}]"
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{where} must be a mapping with at least name and data, got {raw!r}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - names)
+        if unknown:
+            raise ConfigError(f"unknown key '{unknown[0]}' in {where} (valid: {', '.join(sorted(names))})")
+        missing = [k for k in ("name", "data") if k not in raw]
+        if missing:
+            raise ConfigError(f"{where} needs '{missing[0]}'")
+        stage = cls(**raw)
+        if not isinstance(stage.max_steps, int) or not isinstance(stage.num_train_epochs, (int, float)):
+            raise ConfigError(f"{where}: max_steps must be an int and num_train_epochs a number")
+        return stage
+
+
+def parse_curriculum(raw: list[Any], selected: list[str] | None) -> list[tuple[int, Stage]]:
+    """Validate the curriculum and pick the stages to run, as (1-based position, Stage) pairs."""
+    if not raw:
+        raise ConfigError("curriculum is empty: list at least one stage (name, data)")
+    stages = [Stage.parse(i, s) for i, s in enumerate(raw)]
+    names = [s.name for s in stages]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"curriculum stage names must be unique, got {names}")
+    if selected:
+        unknown = [n for n in selected if n not in names]
+        if unknown:
+            raise ConfigError(f"--stages names unknown stage '{unknown[0]}' (curriculum: {', '.join(names)})")
+    return [(k, s) for k, s in enumerate(stages, start=1) if not selected or s.name in selected]
+
+
+def stage_dir(output_dir: str | Path, position: int, stage: Stage) -> Path:
+    return Path(output_dir) / "stages" / f"{position}-{stage.name}"
+
+
+def checkpoint_dir(output_dir: str | Path, position: int, stage: Stage) -> Path:
+    return Path(output_dir) / "checkpoints" / f"{position}-{stage.name}"
+
+
+def is_complete(path: Path) -> bool:
+    return (path / COMPLETE_MARKER).is_file()
+
+
+def publish_stage(tmp_dir: Path, final_dir: Path) -> None:
+    """Move a fully written stage folder into place, then mark it complete.
+
+    The rename is atomic, so `final_dir` either does not exist or holds the whole adapter; the marker
+    is written last, so a folder without it (a crash between the two) is redone on resume.
+    """
+    shutil.rmtree(final_dir, ignore_errors=True)
+    os.replace(tmp_dir, final_dir)
+    (final_dir / COMPLETE_MARKER).write_text("adapter, tokenizer, metrics and config fully written\n")
+
+
+def last_complete_checkpoint(folder: Path) -> str | None:
+    """The newest `checkpoint-N` that was fully written, removing any a kill left half-written.
+
+    The Trainer writes a checkpoint's trainer_state.json last; a folder without a readable one was
+    interrupted (resuming from it would fail on a missing optimizer or RNG file).
+    """
+    if not folder.is_dir():
+        return None
+    checkpoints = sorted(
+        (p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]),
+        reverse=True,
+    )
+    for checkpoint in checkpoints:
+        try:
+            json.loads((checkpoint / "trainer_state.json").read_text())
+            return str(checkpoint)
+        except (OSError, ValueError):
+            shutil.rmtree(checkpoint, ignore_errors=True)
+    return None
+
+
+def split_records(records: list[Record], eval_fraction: float) -> tuple[list[Record], list[Record]]:
+    """A deterministic train/eval split by a hash of each record's id (stable across runs and machines)."""
+    if not 0 <= eval_fraction < 1:
+        raise ConfigError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    train, held_out = [], []
+    for record in records:
+        (held_out if is_held_out(f"{record.source}:{record.id}", eval_fraction) else train).append(record)
+    return train, held_out
+
+
+def stage_examples(records: list[Record], chat_format: str, reasoning_effort: str = "low") -> Dataset:
+    """Records -> SFT examples in the one prompt format.
+
+    `chat`: TRL's conversational prompt/completion (SFTTrainer renders it with the model's chat
+    template and trains on the completion only). `harmony`: pre-tokenized GPT-OSS examples from
+    openai-harmony (`input_ids` + `completion_mask`), which SFTTrainer uses as they are.
+    """
+    labeled = [r for r in records if r.answer is not None]
+    if chat_format == "harmony":
+        from harmony.render import render_for_training
+
+        return Dataset.from_list([render_for_training(r, reasoning_effort=reasoning_effort) for r in labeled])
+    return Dataset.from_list([to_chat_example(r) for r in labeled])
+
+
+class PlainLossSFTTrainer(SFTTrainer):
+    """SFTTrainer whose loss is the model's own cross-entropy over the (prompt-masked) labels.
+
+    TRL 1.16 replaces the LM head with a chunked "fused" head that also returns per-token entropy
+    and top-1 hits for its `entropy` / `mean_token_accuracy` metrics. On a CPU that path costs about
+    1.6x the step time of a plain forward (../shared/research/cpu_perf.md; measured again in
+    benchmarks/sft_throughput.py). The loss is the same: the collator's labels are -100 on prompt
+    and padding tokens, and the model's loss averages over the remaining tokens (over
+    `num_items_in_batch` across gradient accumulation, like TRL's). Those two metrics are not logged.
+    """
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs["use_cache"] = False
+        if self.aux_loss_enabled:  # MoE: the model adds router_aux_loss_coef * aux_loss to its own loss
+            inputs["output_router_logits"] = True
+        # transformers' Trainer.compute_loss: model(**inputs).loss, normalised by num_items_in_batch
+        # across gradient accumulation and devices, without TRL's fused head.
+        return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)

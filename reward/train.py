@@ -1,0 +1,94 @@
+"""Train the reward model on preference pairs scored for factuality and safety.
+
+    accelerate launch --config_file configs/accelerate/cpu.yaml reward/train.py --config configs/reward/smollm2_rm.yaml
+    accelerate launch reward/train.py --config configs/reward/llama2-7b_rm.yaml
+    python reward/train.py --config configs/reward/tiny.yaml
+
+TRL's RewardTrainer (Bradley-Terry: -log sigmoid(r_chosen - r_rejected - margin), plus reward
+centering) on a one-logit classification head over the base model, optionally with an SFT stage
+adapter merged in first. LoRA trains the backbone; the `score` head is trained in full and saved
+with the adapter (`modules_to_save`). The `margin` column of reward/pairs.py output is used.
+Held-out pairwise accuracy, overall and per axis (factuality, safety), goes to metrics.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+from pathlib import Path
+
+from datasets import Dataset
+from trl import RewardConfig, RewardTrainer, get_peft_config
+
+from clinalign.config import ConfigError, ModelArgs, Parser, run, write_json, write_resolved_config
+from clinalign.models import ensure_pad_token, load_tokenizer, write_adapter_provenance
+from clinalign.preferences import read_pairs, split_pairs
+from clinalign.rewards import reward_backbone, score_responses
+
+
+@dataclasses.dataclass
+class RewardScriptArgs:
+    pairs: str = dataclasses.field(
+        default="runs/demo/pairs/pairs.jsonl", metadata={"help": "Preference pairs (reward/pairs.py output, TRL format)."}
+    )
+    sft_adapter: str | None = dataclasses.field(
+        default=None, metadata={"help": "An SFT stage adapter merged into the backbone before reward training."}
+    )
+    eval_fraction: float = dataclasses.field(default=0.2, metadata={"help": "Share of pairs held out, per axis."})
+
+
+def pairwise_accuracy(model, tokenizer, rows: list[dict]) -> dict:
+    """Share of held-out pairs where the chosen response out-scores the rejected one, overall and per axis."""
+    prompts = [row["prompt"] for row in rows]
+    chosen = score_responses(model, tokenizer, prompts, [row["chosen"][-1]["content"] for row in rows])
+    rejected = score_responses(model, tokenizer, prompts, [row["rejected"][-1]["content"] for row in rows])
+    by_axis = defaultdict(list)
+    for row, c, r in zip(rows, chosen, rejected, strict=True):
+        by_axis["overall"].append(c > r)
+        by_axis[row.get("axis", "unknown")].append(c > r)
+    return {axis: {"accuracy": sum(hits) / len(hits), "n": len(hits)} for axis, hits in sorted(by_axis.items())}
+
+
+def main(script_args: RewardScriptArgs, training_args: RewardConfig, model_args: ModelArgs):
+    if not model_args.use_peft:
+        raise ConfigError("reward/train.py trains a LoRA reward model: set use_peft: true")
+    rows = read_pairs(script_args.pairs)
+    train_rows, eval_rows = split_pairs(rows, script_args.eval_fraction)
+    columns = ("prompt", "chosen", "rejected", "margin")
+    train_dataset = Dataset.from_list([{k: row[k] for k in columns if k in row} for row in train_rows])
+
+    model = reward_backbone(model_args.model_name_or_path, script_args.sft_adapter, dtype=model_args.dtype)
+    tokenizer = load_tokenizer(model_args.model_name_or_path)
+    ensure_pad_token(tokenizer, model)
+    # The head is new: it must be trained in full and saved with the adapter, or it is re-initialised on load.
+    peft_config = get_peft_config(dataclasses.replace(model_args, lora_task_type="SEQ_CLS"))
+    peft_config.modules_to_save = sorted(set(peft_config.modules_to_save or []) | {"score"})
+
+    trainer = RewardTrainer(
+        model=model, args=training_args, train_dataset=train_dataset, processing_class=tokenizer, peft_config=peft_config
+    )
+    trainer.train()
+    trainer.save_model(training_args.output_dir)
+
+    metrics = {"pairs": {"train": len(train_rows), "eval": len(eval_rows)}, "train": trainer.state.log_history}
+    if trainer.accelerator.is_main_process:
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        model.eval()
+        metrics["eval"] = pairwise_accuracy(model, tokenizer, eval_rows) if eval_rows else {}
+        tokenizer.save_pretrained(training_args.output_dir)
+        write_adapter_provenance(
+            training_args.output_dir, model_args.model_name_or_path, model, merged_adapter=script_args.sft_adapter
+        )
+        write_json(Path(training_args.output_dir) / "metrics.json", metrics)
+        write_resolved_config(training_args.output_dir, script_args, training_args, model_args)
+        for axis, result in metrics["eval"].items():
+            print(f"[reward] held-out pairwise accuracy {axis}: {result['accuracy']:.3f} (n={result['n']})")
+    return metrics
+
+
+def make_parser() -> Parser:
+    return Parser([RewardScriptArgs, RewardConfig, ModelArgs])
+
+
+if __name__ == "__main__":
+    run(main, make_parser())

@@ -1,0 +1,79 @@
+"""DPO against the SFT reference, with the KL coefficient `beta` (tune it with rl/tune_kl.py).
+
+    accelerate launch --config_file configs/accelerate/cpu.yaml rl/dpo.py --config configs/rl/smollm2_dpo.yaml
+    accelerate launch rl/dpo.py --config configs/rl/llama2-7b_dpo.yaml
+    python rl/dpo.py --config configs/rl/tiny_dpo.yaml --beta 0.3
+
+TRL's DPOTrainer on preference pairs (reward/pairs.py output, or any file in TRL's conversational
+preference format). The policy starts from the final SFT stage adapter; the reference is that same
+SFT policy, frozen (TRL keeps a copy of the adapter as "ref": no second model). TRL logs
+rewards/chosen, rewards/rejected, rewards/margins and rewards/accuracies. Before and after training
+the script measures the policy on held-out data (clinalign.policy_eval): safety score on the safety
+prompt set, multiple-choice accuracy, reward-model score, and KL(policy || reference) per sequence
+on sampled responses (k1 and k3 estimators).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from trl import DPOConfig
+
+from clinalign.config import ModelArgs, Parser, run, write_json, write_resolved_config
+from clinalign.data import load_records
+from clinalign.dpo import DPOArgs, build_dpo_trainer
+from clinalign.models import load_policy, write_adapter_provenance
+from clinalign.policy_eval import evaluate_policy, held_out_records, held_out_safety_prompts
+from clinalign.preferences import read_pairs, split_pairs
+from clinalign.rewards import load_reward_model
+
+
+def main(dpo_args: DPOArgs, training_args: DPOConfig, model_args: ModelArgs):
+    train_rows, eval_rows = split_pairs(read_pairs(dpo_args.pairs), dpo_args.pairs_eval_fraction)
+    records = held_out_records([r for f in dpo_args.eval_data for r in load_records(f).records], dpo_args.eval_fraction)
+    records = [r for r in records if r.answer is not None][: dpo_args.eval_max_records]
+    safety = held_out_safety_prompts(dpo_args.safety_prompts, dpo_args.eval_fraction) if dpo_args.safety_prompts else []
+    reward = load_reward_model(dpo_args.reward_model) if dpo_args.reward_model else None
+
+    trainer = build_dpo_trainer(dpo_args, training_args, model_args, train_rows, eval_rows)
+    tokenizer = trainer.processing_class
+    measure = dict(
+        records=records, safety_prompts=safety, reward=reward, max_new_tokens=dpo_args.eval_max_new_tokens,
+        kl_max_new_tokens=dpo_args.kl_max_new_tokens, kl_num_samples=dpo_args.kl_num_samples,
+    )
+    before = evaluate_policy(trainer.model, tokenizer, kl=False, **measure)  # the policy is the reference: KL = 0
+    before_pairs = trainer.evaluate() if eval_rows else {}
+    trainer.train()
+    after_pairs = trainer.evaluate() if eval_rows else {}
+    # The reference for KL: the SFT policy, loaded once more as a frozen model (or the base, adapter disabled).
+    reference = load_policy(model_args.model_name_or_path, dpo_args.sft_adapter)[0] if dpo_args.sft_adapter else None
+    after = evaluate_policy(trainer.model, tokenizer, reference=reference, **measure)
+    trainer.save_model(training_args.output_dir)
+
+    metrics = {
+        "beta": training_args.beta,
+        "pairs": {"train": len(train_rows), "eval": len(eval_rows)},
+        "preference_eval": {"before": before_pairs, "after": after_pairs},
+        "held_out": {"before": before, "after": after},
+        "log_history": trainer.state.log_history,
+    }
+    if trainer.accelerator.is_main_process:
+        output_dir = Path(training_args.output_dir)
+        write_adapter_provenance(output_dir, model_args.model_name_or_path, trainer.model)
+        write_json(output_dir / "metrics.json", metrics)
+        write_resolved_config(output_dir, dpo_args, training_args, model_args)
+        safety_before = before.get("safety", {}).get("safety_score")
+        safety_after = after.get("safety", {}).get("safety_score")
+        print(f"[dpo] beta {training_args.beta}: held-out safety {safety_before} -> {safety_after}, "
+              f"KL/seq (k1, k3) {after['overall'].get('kl_k1')}, {after['overall'].get('kl_k3')}, "
+              f"preference accuracy {before_pairs.get('eval_rewards/accuracies')} -> "
+              f"{after_pairs.get('eval_rewards/accuracies')}")
+    return metrics
+
+
+def make_parser() -> Parser:
+    return Parser([DPOArgs, DPOConfig, ModelArgs])
+
+
+if __name__ == "__main__":
+    run(main, make_parser())
