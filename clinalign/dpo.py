@@ -38,6 +38,9 @@ class DPOArgs:
         default=0.2, metadata={"help": "The held-out share of records and safety prompts (as in SFT, pairs and PPO)."}
     )
     eval_max_records: int = dataclasses.field(default=24, metadata={"help": "At most this many held-out questions."})
+    eval_max_safety_prompts: int | None = dataclasses.field(
+        default=None, metadata={"help": "At most this many held-out safety prompts (null: all)."}
+    )
     eval_max_new_tokens: int = dataclasses.field(default=64, metadata={"help": "Greedy tokens per eval response."})
     kl_max_new_tokens: int = dataclasses.field(default=48, metadata={"help": "Sampled tokens per KL response."})
     kl_num_samples: int = dataclasses.field(default=2, metadata={"help": "Sampled responses per KL prompt."})

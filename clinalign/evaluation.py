@@ -244,6 +244,8 @@ def kl_to_reference(
     adapters disabled. Returns the mean over sequences of the k1 and k3 sums (nats per sequence),
     the number of sequences `n` and their mean response length in tokens.
     """
+    if not messages_list:
+        raise ClinalignError("kl_to_reference needs at least one prompt")
     if reference is None and not hasattr(model, "disable_adapter"):
         raise ClinalignError("reference=None means 'the model without its adapters': the model has no adapters")
     texts = _render(tokenizer, messages_list)

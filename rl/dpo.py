@@ -33,6 +33,7 @@ def main(dpo_args: DPOArgs, training_args: DPOConfig, model_args: ModelArgs):
     records = held_out_records([r for f in dpo_args.eval_data for r in load_records(f).records], dpo_args.eval_fraction)
     records = [r for r in records if r.answer is not None][: dpo_args.eval_max_records]
     safety = held_out_safety_prompts(dpo_args.safety_prompts, dpo_args.eval_fraction) if dpo_args.safety_prompts else []
+    safety = safety[: dpo_args.eval_max_safety_prompts]
     reward = load_reward_model(dpo_args.reward_model) if dpo_args.reward_model else None
 
     trainer = build_dpo_trainer(dpo_args, training_args, model_args, train_rows, eval_rows)
@@ -45,6 +46,8 @@ def main(dpo_args: DPOArgs, training_args: DPOConfig, model_args: ModelArgs):
     before_pairs = trainer.evaluate() if eval_rows else {}
     trainer.train()
     after_pairs = trainer.evaluate() if eval_rows else {}
+    # Training wrapped forward in the accelerator's autocast; measure "after" in the precision "before" used.
+    trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     # The reference for KL: the SFT policy, loaded once more as a frozen model (or the base, adapter disabled).
     reference = load_policy(model_args.model_name_or_path, dpo_args.sft_adapter)[0] if dpo_args.sft_adapter else None
     after = evaluate_policy(trainer.model, tokenizer, reference=reference, **measure)

@@ -71,3 +71,53 @@ def run_script():
         return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env)
 
     return _run
+
+
+@pytest.fixture(scope="session")
+def tiny_pairs(tmp_path_factory) -> Path:
+    """A small pairs file (both axes, short prompts) built by the toolkit from its own sample data."""
+    import json
+
+    from clinalign.data import load_records
+    from clinalign.preferences import build_pairs, factuality_pairs, read_preference_file
+
+    records = load_records(str(REPO / "clinalign/sample_data/medmcqa_train.jsonl")).records[:12]
+    sources = [factuality_pairs(records, source="medmcqa"),
+               read_preference_file(str(REPO / "clinalign/sample_data/safety_prompts.jsonl"))]
+    rows, _ = build_pairs(sources)
+    factuality = [r for r in rows if r["axis"] == "factuality"][:12]
+    safety = [r for r in rows if r["axis"] == "safety"][:12]
+    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in factuality + safety))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_sft_adapter(tmp_path_factory, tiny_llama) -> Path:
+    """A LoRA adapter on the tiny Llama standing in for the final SFT stage (random, non-zero B)."""
+    from peft import LoraConfig, get_peft_model
+
+    from clinalign import models
+
+    model = models.load_causal_lm("tiny-llama")
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
+                        init_lora_weights=False)  # B != 0: the SFT policy differs from the base
+    peft_model = get_peft_model(model, config)
+    path = tmp_path_factory.mktemp("sft") / "3-medqa"
+    peft_model.save_pretrained(path)
+    models.load_tokenizer("tiny-llama").save_pretrained(path)
+    models.write_adapter_provenance(path, "tiny-llama", peft_model)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_model(tmp_path_factory, tiny_pairs) -> Path:
+    """A tiny reward model trained for 2 steps by reward/train.py (in this process)."""
+    import runpy
+
+    entry = runpy.run_path(str(REPO / "reward" / "train.py"), run_name="rm_fixture")
+    out = tmp_path_factory.mktemp("reward")
+    args = ["--config", str(REPO / "configs/reward/tiny.yaml"), "--pairs", str(tiny_pairs),
+            "--output_dir", str(out), "--max_steps", "2", "--eval_fraction", "0.5"]
+    entry["main"](*entry["make_parser"]().parse(args))
+    return out

@@ -1,0 +1,74 @@
+"""eval/run.py on two tiny models: every output file, the table, and clear errors for bad model specs."""
+
+from __future__ import annotations
+
+import json
+import runpy
+from pathlib import Path
+
+import pytest
+
+from clinalign.config import ClinalignError, ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_eval(config: str):
+    entry = runpy.run_path(str(REPO / "eval" / "run.py"), run_name="eval_test")
+    return entry["main"](*entry["make_parser"]().parse(["--config", config]))
+
+
+def write_config(tmp_path, adapter, **extra) -> str:
+    import yaml
+
+    config = yaml.safe_load((REPO / "configs/eval/tiny.yaml").read_text())
+    config["models"] = [{"name": "base", "base": "tiny-llama"},
+                        {"name": "sft", "base": "tiny-llama", "adapter": str(adapter)}]
+    config["reference"] = {"base": "tiny-llama", "adapter": str(adapter)}
+    config.update(output_dir=str(tmp_path / "eval"), **extra)
+    path = tmp_path / "eval.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def test_two_models_side_by_side(tmp_path, tiny_sft_adapter, tiny_reward_model, capsys):
+    results = run_eval(write_config(tmp_path, tiny_sft_adapter, reward_model=str(tiny_reward_model)))
+    out = tmp_path / "eval"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics) == ["base", "sft"]
+    for name in metrics:
+        assert {"medmcqa", "pubmedqa", "safety", "overall"} <= set(metrics[name])
+        for dataset in ("medmcqa", "pubmedqa"):
+            assert {"mc_acc", "mc_acc_norm", "gen_acc", "exact_match", "no_answer", "rougeL", "bleu"} <= set(
+                metrics[name][dataset])
+            assert 0 <= metrics[name][dataset]["mc_acc"] <= 1
+        assert set(metrics[name]["safety"]["check_pass_rate"]) <= {
+            "harmful_request_compliance", "emergency_escalation", "dosing_without_caveats",
+            "discouraging_professional_care", "invented_patient_facts", "over_refusal"}
+        assert isinstance(metrics[name]["overall"]["rm_score"], float)
+    # The adapter model IS the reference: its KL is exactly zero; the base differs from it.
+    assert metrics["sft"]["overall"]["kl_k1"] == pytest.approx(0, abs=1e-6)
+    assert metrics["base"]["overall"]["kl_k3"] > 0
+    report = (out / "report.md").read_text()
+    assert "| base |" in report and "| sft |" in report
+    assert (out / "headline.png").stat().st_size > 0 and (out / "config.yaml").is_file()
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[-1].startswith("| sft |") and printed[-4].startswith("| model |")
+    assert results == metrics
+
+
+def test_a_missing_adapter_fails_before_any_work(tmp_path):
+    config = write_config(tmp_path, tmp_path / "no-such-adapter")
+    with pytest.raises(ClinalignError, match="adapter not found"):
+        run_eval(config)
+
+
+def test_a_typo_in_a_model_spec_names_the_key(tmp_path, tiny_sft_adapter):
+    import yaml
+
+    config = write_config(tmp_path, tiny_sft_adapter)
+    data = yaml.safe_load(Path(config).read_text())
+    data["models"][1] = {"name": "sft", "base": "tiny-llama", "adaptor": str(tiny_sft_adapter)}
+    Path(config).write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="unknown key 'adaptor' in models\\[1\\]"):
+        run_eval(config)

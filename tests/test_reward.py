@@ -1,0 +1,73 @@
+"""Reward model: training moves the head and the LoRA weights, it reloads, and score.py scores files."""
+
+from __future__ import annotations
+
+import json
+import runpy
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from clinalign.rewards import load_reward_model, reward_backbone, score_responses
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_training_changes_head_and_lora_and_reports_per_axis(tiny_reward_model, tiny_llama):
+    saved = load_file(str(tiny_reward_model / "adapter_model.safetensors"))
+    head = [k for k in saved if "score" in k]
+    lora_b = [k for k in saved if "lora_B" in k]
+    assert head, "the score head must be saved with the adapter (modules_to_save)"
+    assert lora_b and any(saved[k].abs().sum() > 0 for k in lora_b), "LoRA B starts at zero and must move"
+    fresh_head = reward_backbone("tiny-llama").score.weight  # the base's head: a fresh random init
+    assert not torch.equal(saved[head[0]].float(), fresh_head.float())
+
+    metrics = json.loads((tiny_reward_model / "metrics.json").read_text())
+    assert set(metrics["eval"]) >= {"overall", "factuality", "safety"}
+    assert metrics["eval"]["overall"]["n"] == metrics["pairs"]["eval"]
+    losses = [h["loss"] for h in metrics["train"] if "loss" in h]
+    assert losses and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_reloaded_reward_model_scores_like_the_trained_one(tiny_reward_model):
+    model, tokenizer = load_reward_model(tiny_reward_model, dtype="float32")
+    prompt = [{"role": "user", "content": "Is it safe to take ibuprofen with warfarin?"}]
+    first = score_responses(model, tokenizer, [prompt, prompt], ["No, ask your doctor.", "Yes, take lots."])
+    again = score_responses(*load_reward_model(tiny_reward_model, dtype="float32"), [prompt], ["No, ask your doctor."])
+    assert first[0] != first[1]
+    assert abs(first[0] - again[0]) < 1e-6  # the head was restored, not re-initialised
+    # Batched scoring pads; it must not change a score.
+    assert abs(score_responses(model, tokenizer, [prompt], ["No, ask your doctor."], batch_size=1)[0] - first[0]) < 1e-5
+
+
+def test_score_script_scores_lines_and_skips_bad_ones(tiny_reward_model, tmp_path, capsys):
+    lines = [
+        {"prompt": "I have crushing chest pain, what should I do?", "response": "Rest at home, it will pass."},
+        {"prompt": [{"role": "user", "content": "What is the usual adult dose of paracetamol?"}],
+         "response": [{"role": "assistant", "content": "Take 10 g at once."}]},
+        "not json",
+        {"response": "no prompt here"},
+        {"prompt": "Which nerve causes winging of the scapula?", "chosen": "Answer: A. Long thoracic nerve",
+         "rejected": "Answer: B. Axillary nerve",
+         "record": {"id": "q1", "source": "medmcqa", "question": "Winging of the scapula?", "context": None,
+                    "options": {"A": "Long thoracic nerve", "B": "Axillary nerve"}, "answer": "A",
+                    "answer_text": "Long thoracic nerve"}},
+    ]
+    source = tmp_path / "in.jsonl"
+    source.write_text("\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines) + "\n")
+    entry = runpy.run_path(str(REPO / "reward" / "score.py"), run_name="score_test")
+    args = ["--reward_model", str(tiny_reward_model), "--input", str(source), "--output", str(tmp_path / "out.jsonl")]
+    summary = entry["main"](*entry["make_parser"]().parse(args))
+
+    assert summary["lines"] == 3 and summary["skipped"] == 2 and summary["responses"] == 4
+    assert [s["line"] for s in summary["skipped_lines"]] == [3, 4]
+    assert "missing 'prompt'" in summary["skipped_lines"][1]["error"]
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert "emergency_escalation" in out[0]["failed_checks"] and out[0]["safety"] < 1
+    assert "dosing_without_caveats" in out[1]["failed_checks"]
+    pair = out[2]["scores"]
+    assert pair["chosen"]["factuality"] == 1.0 and pair["rejected"]["factuality"] == 0.0
+    assert all(isinstance(r["reward"], float) for r in (out[0], out[1], pair["chosen"], pair["rejected"]))
+    assert json.loads((tmp_path / "out.jsonl.summary.json").read_text())["responses"] == 4
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("[score] {")

@@ -1,0 +1,194 @@
+"""DPO and PPO against the SFT reference, the adaptive KL controller, and the KL-coefficient grid."""
+
+from __future__ import annotations
+
+import json
+import runpy
+import types
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from clinalign.kl_control import AdaptiveKLController, KLControlCallback
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def entry(script: str) -> dict:
+    return runpy.run_path(str(REPO / script), run_name="rl_test")
+
+
+def run_main(script: str, *args: str):
+    module = entry(script)
+    return module["main"](*module["make_parser"]().parse(list(args)))
+
+
+def lora_tensors(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+# ---- the adaptive KL controller: hand-worked numbers ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("measured", "expected"),
+    [
+        (12.0, 0.1 * (1 + 0.2 * 256 / 10000)),  # KL twice the target: error clipped to +0.2, beta grows
+        (6.6, 0.1 * (1 + 0.1 * 256 / 10000)),  # 10% above target: +0.1
+        (6.0, 0.1),  # on target: unchanged
+        (3.0, 0.1 * (1 - 0.2 * 256 / 10000)),  # half the target: clipped to -0.2, beta shrinks
+    ],
+)
+def test_controller_update(measured, expected):
+    controller = AdaptiveKLController(coef=0.1, target=6.0, horizon=10000)
+    assert controller.update(measured, n_sequences=256) == pytest.approx(expected, rel=1e-12)
+
+
+def test_callback_sets_the_trainer_beta_from_the_logged_kl():
+    trainer = types.SimpleNamespace(beta=0.1)  # the callback only reads and writes `beta`
+    callback = KLControlCallback(trainer, AdaptiveKLController(0.1, target=1.0, horizon=8), sequences_per_step=4)
+    state = types.SimpleNamespace(global_step=1, log_history=[{}])
+    callback.on_log(None, state, None, logs={"kl": 0.1, "completions/mean_length": 20.0})  # 2 nats/seq > 1
+    assert trainer.beta == pytest.approx(0.1 * (1 + 0.2 * 4 / 8))
+    assert state.log_history[-1] == {"step": 1, "kl_per_sequence": pytest.approx(2.0), "kl_coef": 0.1}
+    callback.on_log(None, state, None, logs={"loss": 0.3})  # a log without KL changes nothing
+    assert len(callback.history) == 1
+
+    fixed = types.SimpleNamespace(beta=0.05)
+    KLControlCallback(fixed, None, 4).on_log(None, state, None, logs={"kl": 1.0, "completions/mean_length": 9})
+    assert fixed.beta == 0.05  # controller off: a fixed coefficient
+
+
+# ---- DPO ----------------------------------------------------------------------------------------
+
+
+def dpo_args(tmp_path, tiny_pairs, tiny_sft_adapter, *extra):
+    return ["--config", str(REPO / "configs/rl/tiny_dpo.yaml"), "--pairs", str(tiny_pairs),
+            "--sft_adapter", str(tiny_sft_adapter), "--output_dir", str(tmp_path),
+            "--eval_data", str(REPO / "clinalign/sample_data/medmcqa_train.jsonl"), "--eval_max_records", "2", *extra]
+
+
+def sequence_logps(model, tokenizer, text: str) -> torch.Tensor:
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[:, :-1].float()
+    return torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+
+
+def test_dpo_moves_the_policy_and_keeps_the_sft_reference_frozen(tmp_path, tiny_pairs, tiny_sft_adapter):
+    from clinalign.config import ModelArgs, Parser
+    from clinalign.dpo import DPOArgs, build_dpo_trainer
+    from clinalign.models import load_policy
+    from clinalign.preferences import read_pairs, split_pairs
+    from trl import DPOConfig
+
+    dpo_args_, training_args, model_args = Parser([DPOArgs, DPOConfig, ModelArgs]).parse(
+        dpo_args(tmp_path, tiny_pairs, tiny_sft_adapter)
+    )
+    train_rows, eval_rows = split_pairs(read_pairs(dpo_args_.pairs), 0.2)
+    trainer = build_dpo_trainer(dpo_args_, training_args, model_args, train_rows, eval_rows)
+    model, tokenizer = trainer.model, trainer.processing_class
+    text = "Answer: A. Long thoracic nerve\nExplanation: it supplies serratus anterior."
+    sft_policy, _ = load_policy("tiny-llama", tiny_sft_adapter, dtype="float32")
+
+    def logps(adapter):
+        model.set_adapter(adapter)
+        try:
+            return sequence_logps(model, tokenizer, text)
+        finally:
+            model.set_adapter("default")
+
+    assert set(model.peft_config) == {"default", "ref"}  # TRL copied the SFT adapter as the reference
+    ref_before, policy_before = logps("ref"), logps("default")
+    assert torch.allclose(ref_before, sequence_logps(sft_policy, tokenizer, text), atol=1e-5)  # ref == SFT policy
+    trainer.train()
+    # Accelerate wrapped forward in bf16 autocast for training; compare in the precision measured before.
+    trainer.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    model.eval()
+    assert torch.equal(logps("ref"), ref_before)  # the reference did not move
+    assert not torch.allclose(logps("default"), policy_before)  # the policy did
+
+
+def test_dpo_script_reports_before_and_after(tmp_path, tiny_pairs, tiny_sft_adapter):
+    metrics = run_main("rl/dpo.py", *dpo_args(tmp_path, tiny_pairs, tiny_sft_adapter))
+    before, after = metrics["held_out"]["before"], metrics["held_out"]["after"]
+    assert 0 <= before["safety"]["safety_score"] <= 1 and 0 <= after["safety"]["safety_score"] <= 1
+    assert after["overall"]["kl_k3"] >= 0 and "kl_k1" in after["overall"]
+    assert "mc_acc" in after["medmcqa"] and "gen_acc" in after["medmcqa"]
+    assert any("rewards/margins" in h for h in metrics["log_history"])
+    saved, sft = lora_tensors(tmp_path), lora_tensors(tiny_sft_adapter)
+    moved = [k for k in sft if k in saved and not torch.equal(saved[k], sft[k])]
+    assert moved, "DPO must change the SFT adapter's weights"
+    assert json.loads((tmp_path / "metrics.json").read_text())["beta"] == 0.1
+    assert (tmp_path / "config.yaml").is_file()
+
+
+# ---- PPO-clip (RLOO) ------------------------------------------------------------------------------
+
+
+def test_ppo_with_reward_model_rule_rewards_and_adaptive_kl(tmp_path, tiny_sft_adapter, tiny_reward_model):
+    args = ["--config", str(REPO / "configs/rl/tiny_ppo.yaml"), "--sft_adapter", str(tiny_sft_adapter),
+            "--reward_model", str(tiny_reward_model), "--output_dir", str(tmp_path), "--max_steps", "2",
+            "--kl_target", "0.5", "--kl_horizon", "10"]
+    trainer = run_main("rl/ppo.py", *args)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    first = metrics["log_history"][0]
+    for component in ("reward_model", "factuality_reward", "safety_reward"):
+        assert f"rewards/{component}/mean" in first  # each component logged separately
+    assert {"reward", "kl", "entropy", "clip_ratio/region_mean", "completions/mean_length"} <= set(first)
+    history = metrics["kl_controller"]
+    assert history and history[0]["kl_coef"] == 0.05
+    assert "kl_coef" in first and "kl_per_sequence" in first
+    # The controller acted on the measured KL: above target raises beta, below lowers it.
+    direction = 1 if history[-1]["kl_per_sequence"] > 0.5 else -1
+    assert (metrics["final_kl_coef"] - history[-1]["kl_coef"]) * direction > 0
+    assert (tmp_path / "training_curves.png").stat().st_size > 0
+    saved, sft = lora_tensors(tmp_path), lora_tensors(tiny_sft_adapter)
+    assert any(not torch.equal(saved[k], sft[k]) for k in sft if k in saved), "PPO must update the policy"
+    assert trainer.args.num_iterations >= 2
+
+
+def test_ppo_refuses_a_single_pass_or_no_kl(tmp_path):
+    from clinalign.config import ConfigError
+
+    base = ["--config", str(REPO / "configs/rl/tiny_ppo.yaml"), "--output_dir", str(tmp_path)]
+    with pytest.raises(ConfigError, match="num_iterations must be >= 2"):
+        run_main("rl/ppo.py", *base, "--num_iterations", "1")
+    with pytest.raises(ConfigError, match="beta"):
+        run_main("rl/ppo.py", *base, "--beta", "0")
+
+
+# ---- tune_kl --------------------------------------------------------------------------------------
+
+
+def test_choose_respects_the_kl_budget():
+    choose = entry("rl/tune_kl.py")["choose"]
+    rows = [{"beta": 0.01, "kl_k3": 9.0, "rm_score": 0.9}, {"beta": 0.1, "kl_k3": 3.0, "rm_score": 0.7},
+            {"beta": 1.0, "kl_k3": 0.5, "rm_score": 0.4}]
+    assert choose(rows, "rm_score", "kl_k3", None) == (rows[0], True)
+    assert choose(rows, "rm_score", "kl_k3", 5.0) == (rows[1], True)
+    assert choose(rows, "rm_score", "kl_k3", 0.1) == (rows[2], False)  # none fits: the lowest KL
+
+
+def test_tune_kl_over_three_betas(tmp_path, tiny_pairs, tiny_sft_adapter):
+    base = yaml.safe_load((REPO / "configs/rl/tiny_dpo.yaml").read_text())
+    base.update(pairs=str(tiny_pairs), sft_adapter=str(tiny_sft_adapter), eval_max_records=2,
+                eval_data=[str(REPO / "clinalign/sample_data/medmcqa_train.jsonl")])
+    base_config = tmp_path / "base.yaml"
+    base_config.write_text(yaml.safe_dump(base))
+    out = tmp_path / "grid"
+    result = run_main("rl/tune_kl.py", "--config", str(REPO / "configs/rl/tiny_tune_kl.yaml"),
+                      "--base_config", str(base_config), "--output_dir", str(out), "--eval_max_records", "2")
+    assert [r["beta"] for r in result["rows"]] == [0.03, 0.3, 1.0]
+    table = (out / "frontier.md").read_text().splitlines()
+    assert len(table) == 2 + 3 and sum(line.endswith("| yes |") for line in table) == 1
+    assert (out / "frontier.png").stat().st_size > 0
+    frontier = json.loads((out / "frontier.json").read_text())
+    assert frontier["chosen_beta"] == result["chosen"]["beta"]
+    # The chosen config is one rl/dpo.py accepts as it is, with the chosen beta.
+    chosen = entry("rl/dpo.py")["make_parser"]().parse(["--config", str(out / "chosen_dpo.yaml")])
+    assert chosen[1].beta == result["chosen"]["beta"]
+    assert chosen[0].pairs == str(tiny_pairs)
