@@ -12,9 +12,9 @@ from __future__ import annotations
 import dataclasses
 
 from datasets import Dataset
-from trl import DPOConfig, DPOTrainer, get_peft_config
+from trl import DPOConfig, DPOTrainer
 
-from clinalign.models import load_causal_lm, load_policy, load_tokenizer, model_init_kwargs
+from clinalign.models import ensure_pad_token, load_tokenizer, load_trainable_policy, quantize_after_lora
 
 
 @dataclasses.dataclass
@@ -55,21 +55,18 @@ def preference_dataset(rows: list[dict]) -> Dataset:
 
 
 def build_dpo_trainer(dpo_args: DPOArgs, training_args: DPOConfig, model_args, train_rows, eval_rows) -> DPOTrainer:
-    if dpo_args.sft_adapter:
-        policy, tokenizer = load_policy(
-            model_args.model_name_or_path, dpo_args.sft_adapter, dtype=model_args.dtype, trainable=True
-        )
-        peft_config = None  # TRL continues this adapter and copies it as the frozen "ref" adapter
-    else:
-        policy = load_causal_lm(model_args.model_name_or_path, **model_init_kwargs(model_args))
-        tokenizer = load_tokenizer(model_args.model_name_or_path)
-        peft_config = get_peft_config(model_args)  # reference: the base model (adapter disabled)
-    return DPOTrainer(
+    # With the SFT adapter, TRL trains it and keeps a frozen copy as the "ref" adapter (the reference);
+    # without one, a fresh LoRA whose copy (B = 0) is the base model.
+    policy = load_trainable_policy(model_args, dpo_args.sft_adapter, training_args.gradient_checkpointing)
+    tokenizer = load_tokenizer(dpo_args.sft_adapter or model_args.model_name_or_path)
+    ensure_pad_token(tokenizer, policy)
+    trainer = DPOTrainer(
         model=policy,
         ref_model=None,
         args=training_args,
         train_dataset=preference_dataset(train_rows),
         eval_dataset=preference_dataset(eval_rows) if eval_rows else None,
         processing_class=tokenizer,
-        peft_config=peft_config,
     )
+    quantize_after_lora(trainer.model, model_args)  # GPT-OSS 4-bit: experts, once both adapters exist
+    return trainer

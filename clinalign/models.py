@@ -353,15 +353,56 @@ def model_init_kwargs(model_args) -> dict:
         # bitsandbytes' compute dtype follows the weights' dtype, like TRL's own scripts.
         model_args.dtype = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, "float32")
         kwargs["quantization_config"] = get_quantization_config(model_args)
-        if not torch.cuda.is_available():
-            kwargs["device_map"] = "cpu"
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        if not torch.cuda.is_available() and not is_deepspeed_zero3_enabled():  # ZeRO-3 refuses a device_map
+            kwargs["device_map"] = "cpu"  # bitsandbytes quantizes where the weights land
     return kwargs
 
 
+def model_type(name_or_path: str) -> str:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(resolve_model(name_or_path)).model_type
+
+
+def prepare_for_lora(model, model_args, gradient_checkpointing: bool = False):
+    """What a 4-bit base needs before a LoRA adapter is attached (nothing for a 16-bit one).
+
+    Dense models get PEFT's `prepare_model_for_kbit_training` (fp32 norms, input gradients). GPT-OSS
+    must not: it would cast the packed 4-bit expert bytes to fp32 (see harmony/gpt_oss.py).
+    """
+    if not (model_args.load_in_4bit or model_args.load_in_8bit) or model.config.model_type == "gpt_oss":
+        return model
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+
+
+def quantize_after_lora(model, model_args) -> int:
+    """GPT-OSS in 4-bit: quantize the fused expert stacks once LoRA is attached (bitsandbytes' loader
+    skips them: they are not nn.Linear). Returns how many stacks were quantized (0 for other models)."""
+    if not model_args.load_in_4bit or model.config.model_type != "gpt_oss":
+        return 0
+    from harmony.gpt_oss import quantize_experts
+
+    return quantize_experts(model, resolve_dtype(model_args.dtype))
+
+
 def load_causal_lm(name_or_path: str, **kwargs):
+    """`AutoModelForCausalLM.from_pretrained` for any name `resolve_model` takes.
+
+    GPT-OSS in 4-bit goes through harmony.gpt_oss.load_gpt_oss (MXFP4 dequantized on load, eager
+    attention, NF4 attention projections); its experts are quantized later, by `quantize_after_lora`.
+    """
     from transformers import AutoModelForCausalLM
 
     path = resolve_model(name_or_path)
+    quantization = kwargs.get("quantization_config")
+    if quantization is not None and getattr(quantization, "load_in_4bit", False) and model_type(path) == "gpt_oss":
+        from harmony.gpt_oss import load_gpt_oss
+
+        return load_gpt_oss(path, dtype=kwargs.get("dtype", "auto"))
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:
@@ -420,7 +461,7 @@ def load_policy(base: str, adapter_dir: str | Path | None = None, *, dtype="auto
     """
     from peft import PeftModel
 
-    model = load_causal_lm(base, dtype=resolve_dtype(dtype), **kwargs)
+    model = load_causal_lm(base, **{"dtype": resolve_dtype(dtype), **kwargs})
     tokenizer_source = base
     if adapter_dir is not None:
         adapter_dir = Path(adapter_dir)
@@ -435,3 +476,23 @@ def load_policy(base: str, adapter_dir: str | Path | None = None, *, dtype="auto
     if not trainable:
         model.eval()
     return model, tokenizer
+
+
+def load_trainable_policy(model_args, adapter_dir: str | Path | None = None, gradient_checkpointing: bool = False):
+    """The base of `model_args` (dtype, 4-bit) with a trainable LoRA adapter: `adapter_dir`'s (an SFT
+    stage to continue; refused if trained on another base) or a fresh one from the LoRA settings.
+
+    GPT-OSS in 4-bit still has 16-bit experts here: call `quantize_after_lora` once every adapter the
+    trainer needs is attached. Returns the PeftModel.
+    """
+    from peft import PeftModel, get_peft_model
+    from trl import get_peft_config
+
+    model = load_causal_lm(model_args.model_name_or_path, **model_init_kwargs(model_args))
+    model = prepare_for_lora(model, model_args, gradient_checkpointing)
+    if adapter_dir is None:
+        return get_peft_model(model, get_peft_config(model_args))
+    if not (Path(adapter_dir) / "adapter_config.json").is_file():
+        raise ClinalignError(f"adapter not found: {adapter_dir} (no adapter_config.json)")
+    check_adapter_base(adapter_dir, model_args.model_name_or_path, model)
+    return PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)

@@ -17,12 +17,12 @@ import dataclasses
 import json
 
 from datasets import Dataset
-from trl import RLOOConfig, RLOOTrainer, get_peft_config
+from trl import RLOOConfig, RLOOTrainer
 
 from clinalign.config import ConfigError
 from clinalign.data.records import Record, is_held_out
 from clinalign.kl_control import AdaptiveKLController, KLControlCallback
-from clinalign.models import load_causal_lm, load_policy, load_tokenizer, model_init_kwargs
+from clinalign.models import ensure_pad_token, load_tokenizer, load_trainable_policy, quantize_after_lora
 from clinalign.prompts import free_text_messages, prompt_messages
 from clinalign.rewards import RewardModelReward, factuality_reward, load_reward_model, safety_reward
 
@@ -91,16 +91,10 @@ def build_ppo_trainer(ppo_args: PPOArgs, training_args: RLOOConfig, model_args, 
         raise ConfigError("every reward weight is zero and no reward model is set: nothing to optimise")
     training_args.reward_weights = weights
 
-    if ppo_args.sft_adapter:
-        # A PeftModel that already carries the SFT adapter: RLOO trains it and keeps a frozen "ref" copy.
-        policy, tokenizer = load_policy(
-            model_args.model_name_or_path, ppo_args.sft_adapter, dtype=model_args.dtype, trainable=True
-        )
-        peft_config = None
-    else:
-        policy = load_causal_lm(model_args.model_name_or_path, **model_init_kwargs(model_args))
-        tokenizer = load_tokenizer(model_args.model_name_or_path)
-        peft_config = get_peft_config(model_args)
+    # With the SFT adapter, RLOO trains it and keeps a frozen copy as the "ref" adapter (the reference).
+    policy = load_trainable_policy(model_args, ppo_args.sft_adapter, training_args.gradient_checkpointing)
+    tokenizer = load_tokenizer(ppo_args.sft_adapter or model_args.model_name_or_path)
+    ensure_pad_token(tokenizer, policy)
     tokenizer.padding_side = "left"  # generation
     trainer = RLOOTrainer(
         model=policy,
@@ -108,8 +102,8 @@ def build_ppo_trainer(ppo_args: PPOArgs, training_args: RLOOConfig, model_args, 
         args=training_args,
         train_dataset=prompts,
         processing_class=tokenizer,
-        peft_config=peft_config,
     )
+    quantize_after_lora(trainer.model, model_args)  # GPT-OSS 4-bit: experts, once both adapters exist
     controller = None
     if ppo_args.kl_target is not None:
         controller = AdaptiveKLController(training_args.beta, ppo_args.kl_target, ppo_args.kl_horizon)

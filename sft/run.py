@@ -20,18 +20,16 @@ import math
 import shutil
 from pathlib import Path
 
-from peft import PeftModel, get_peft_model
 from accelerate.utils import broadcast_object_list
-from trl import SFTConfig, get_peft_config
+from trl import SFTConfig
 
 from clinalign.config import ConfigError, ModelArgs, Parser, run, write_json, write_resolved_config
 from clinalign.data import load_records
 from clinalign.models import (
-    check_adapter_base,
     ensure_pad_token,
-    load_causal_lm,
     load_tokenizer,
-    model_init_kwargs,
+    load_trainable_policy,
+    quantize_after_lora,
     write_adapter_provenance,
 )
 from clinalign.sft import (
@@ -92,7 +90,6 @@ def main(script_args: SFTScriptArgs, training_args: SFTConfig, model_args: Model
     plan = parse_curriculum(script_args.curriculum, script_args.stages)
     all_stages = parse_curriculum(script_args.curriculum, None)
     tokenizer = load_tokenizer(model_args.model_name_or_path)
-    base_kwargs = model_init_kwargs(model_args)
     summary = []
 
     for position, stage in plan:
@@ -110,17 +107,13 @@ def main(script_args: SFTScriptArgs, training_args: SFTConfig, model_args: Model
             train_records, eval_records = split_records(records.records, script_args.eval_fraction)
         eval_records = eval_records[: script_args.eval_max_records]
 
-        model = load_causal_lm(model_args.model_name_or_path, **base_kwargs)
+        previous = _previous_adapter(output_dir, all_stages, position)
+        model = load_trainable_policy(model_args, previous, training_args.gradient_checkpointing)
         chat_format = script_args.chat_format
         if chat_format == "auto":
             chat_format = "harmony" if model.config.model_type == "gpt_oss" else "chat"
         ensure_pad_token(tokenizer, model)
-        previous = _previous_adapter(output_dir, all_stages, position)
-        if previous is not None:
-            check_adapter_base(previous, model_args.model_name_or_path, model)
-            model = PeftModel.from_pretrained(model, previous, is_trainable=True)
-        else:
-            model = get_peft_model(model, get_peft_config(model_args))
+        quantize_after_lora(model, model_args)
 
         args = dataclasses.replace(
             training_args,
