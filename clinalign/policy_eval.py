@@ -77,7 +77,8 @@ def evaluate_policy(
     """Every metric of the module docstring for one policy; returns {dataset: {metric: value}} + "overall".
 
     `reward` is a (reward model, tokenizer) pair or None; `reference` a model sharing the tokenizer,
-    or None to compare against the policy's own base (adapters disabled); `kl=False` skips KL.
+    an adapter name of the policy (e.g. TRL's frozen "ref"), or None to compare against the policy's
+    own base (adapters disabled); `kl=False` skips KL.
     """
     results: dict[str, dict] = {}
     question_messages = [prompt_messages(r) for r in records]
@@ -110,8 +111,8 @@ def evaluate_policy(
         all_responses = question_responses + safety_responses
         scores = score_responses(rm_model, rm_tokenizer, all_messages, all_responses, batch_size=batch_size)
         overall["rm_score"] = sum(scores) / len(scores) if scores else None
-    if kl and (reference is not None or hasattr(model, "disable_adapter")):
-        kl_prompts = (question_messages[: kl_max_prompts // 2] + safety_messages)[:kl_max_prompts]
+    kl_prompts = (question_messages[: kl_max_prompts // 2] + safety_messages)[:kl_max_prompts]
+    if kl and kl_prompts and (reference is not None or hasattr(model, "disable_adapter")):
         overall.update(
             kl_to_reference(
                 model, reference, tokenizer, kl_prompts, max_new_tokens=kl_max_new_tokens,

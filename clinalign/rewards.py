@@ -2,8 +2,10 @@
 
 A reward model here is a sequence-classification head (one logit) over a causal-LM backbone: the
 base model, optionally with an SFT stage adapter merged in, plus a LoRA adapter and the trained
-`score` head (PEFT `modules_to_save`). Its folder carries `clinalign_base.json`, naming the base
-and the merged SFT adapter, so `load_reward_model(folder)` rebuilds exactly what was trained.
+`score` head (PEFT `modules_to_save`). Its folder carries `clinalign_base.json`, naming the base,
+the merged SFT adapter and the 4-bit settings (if any), so `load_reward_model(folder)` rebuilds what
+was trained. In 4-bit the backbone is quantized like every other stage's base (GPT-OSS through
+harmony.gpt_oss), with the SFT adapter merged in 16-bit before quantization (`reward_backbone`).
 
 Responses are scored in the same layout the RewardTrainer trained on: the prompt messages plus the
 response as an assistant turn, rendered with the tokenizer's chat template.
@@ -14,6 +16,7 @@ and return one float (or None: not applicable) per completion.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,39 +24,156 @@ from pathlib import Path
 import torch
 
 from clinalign.config import ClinalignError
-from clinalign.models import PROVENANCE_FILE, ensure_pad_token, load_tokenizer, resolve_dtype, resolve_model
+from clinalign.models import (
+    PROVENANCE_FILE,
+    check_adapter_base,
+    ensure_pad_token,
+    keep_bnb_gradients_on_cpu,
+    load_tokenizer,
+    model_type,
+    resolve_dtype,
+    resolve_model,
+)
 
 
-def reward_backbone(base: str, sft_adapter: str | Path | None = None, *, dtype="auto"):
+def reward_backbone(base: str, sft_adapter: str | Path | None = None, *, dtype="auto", quantization_config=None):
     """A one-logit sequence classifier over `base`, with `sft_adapter` (a causal-LM LoRA) merged in.
 
     The SFT adapter's module names (model.layers.N...) are the same in the classifier, so PEFT
     loads it there directly; merging leaves a plain model on which a fresh reward LoRA is trained.
+
+    `quantization_config` (a `BitsAndBytesConfig`, as `clinalign.models.model_init_kwargs` builds it
+    from the config): the backbone in 4-bit, like every other training stage; the `score` head stays
+    16-bit. The SFT adapter is merged into 16-bit weights first and the sum is quantized, NF4(W + BA):
+    merging into already-quantized weights would round twice, NF4(NF4(W) + BA). Either way the merged
+    backbone is not bit-identical to the SFT policy as trained (NF4(W) + BA); this order gives the
+    smaller error, one rounding of the same size as the quantization of W itself.
+
+    GPT-OSS (any dtype) loads through `harmony.gpt_oss.load_gpt_oss`: MXFP4 dequantized on load,
+    eager attention. In 4-bit its attention projections are quantized here and its expert stacks
+    stay 16-bit: quantize them (`clinalign.models.quantize_after_lora`) once the reward LoRA is attached.
     """
-    from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(
-        resolve_model(base), num_labels=1, dtype=resolve_dtype(dtype)
-    )
-    if sft_adapter is not None:
-        if not (Path(sft_adapter) / "adapter_config.json").is_file():
-            raise ClinalignError(f"SFT adapter not found: {sft_adapter} (no adapter_config.json)")
-        model = PeftModel.from_pretrained(model, sft_adapter).merge_and_unload()
+    from harmony.gpt_oss import load_gpt_oss, quantize_linear
+
+    dtype = resolve_dtype(dtype)
+    path = resolve_model(base)
+    gpt_oss = model_type(path) == "gpt_oss"
+    if gpt_oss and quantization_config is not None and not quantization_config.load_in_4bit:
+        raise ClinalignError("a GPT-OSS reward model loads in 16-bit or in 4-bit (load_in_4bit), not in 8-bit")
+    if sft_adapter is not None and not (Path(sft_adapter) / "adapter_config.json").is_file():
+        raise ClinalignError(f"SFT adapter not found: {sft_adapter} (no adapter_config.json)")
+    # Dense and no adapter to merge: transformers quantizes while it loads. Otherwise load 16-bit first.
+    direct = {"quantization_config": quantization_config, "device_map": _bnb_device_map()}
+    load_directly = quantization_config is not None and sft_adapter is None and not gpt_oss
+    whole = sft_adapter is not None or quantization_config is not None
+    with _whole_on_every_rank() if whole else contextlib.nullcontext():
+        if gpt_oss:
+            model = load_gpt_oss(
+                path, dtype=dtype, load_in_4bit=False, model_class=AutoModelForSequenceClassification, num_labels=1
+            )
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=1, dtype=dtype, **(direct if load_directly else {})
+            )
+        if sft_adapter is not None:
+            check_adapter_base(sft_adapter, base, model)
+            model = _merged(model, sft_adapter)
+        if quantization_config is not None and gpt_oss:
+            quantize_linear(model, dtype)
+        elif quantization_config is not None and not load_directly:
+            # transformers' own bitsandbytes loader, fed the merged weights (same result as a direct load).
+            model = type(model).from_pretrained(
+                None, config=model.config, state_dict=model.state_dict(), dtype=dtype, **direct
+            )
+    keep_bnb_gradients_on_cpu(model)
     return model
 
 
+def restore_score_dtype(model, dtype) -> int:
+    """Give the trained `score` head back `dtype`; returns how many tensors were cast.
+
+    TRL's RewardTrainer casts every trainable tensor of a model transformers loaded in 4-bit to bf16
+    (the QLoRA recipe for LoRA weights). The head is a plain `nn.Linear` fed hidden states in the
+    compute dtype, so without bf16 autocast (fp32 training, a CPU without AVX512-BF16) its forward
+    fails: "expected m1 and m2 to have the same dtype".
+    """
+    dtype = resolve_dtype(dtype)
+    cast = 0
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad and "score" in name.split(".") and parameter.dtype != dtype:
+            parameter.data = parameter.data.to(dtype)
+            cast += 1
+    return cast
+
+
+def _merged(model, adapter_dir):
+    """`model` with a causal-LM LoRA merged in. The adapter loads as a task-less PeftModel: its recorded
+    CAUSAL_LM task would wrap the classifier in PeftModelForCausalLM, which needs generation methods."""
+    from peft import PeftConfig, PeftModel
+
+    config = PeftConfig.from_pretrained(adapter_dir)
+    config.task_type = None
+    return PeftModel.from_pretrained(model, adapter_dir, config=config).merge_and_unload()
+
+
+def _bnb_device_map():
+    """Where bitsandbytes should quantize: on a CPU-only machine the CPU (as `model_init_kwargs`)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return "cpu" if not torch.cuda.is_available() and not is_deepspeed_zero3_enabled() else None
+
+
+@contextlib.contextmanager
+def _whole_on_every_rank():
+    """Load without DeepSpeed's `zero.Init`, so each rank holds the whole 16-bit model while an adapter
+    is merged into it or its weights are quantized (both need every weight; DeepSpeed shards the
+    result when the trainer prepares it, as it does any quantized model, which never uses zero.Init)."""
+    from transformers.integrations import deepspeed
+
+    saved = deepspeed._hf_deepspeed_config_weak_ref
+    deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
 def load_reward_model(path: str | Path, *, dtype="auto"):
-    """Load a reward model saved by reward/train.py -> (model in eval mode, tokenizer)."""
+    """Load a reward model saved by reward/train.py -> (model in eval mode, tokenizer).
+
+    The backbone is rebuilt as it was trained (`clinalign_base.json`: base, merged SFT adapter,
+    quantization): a 4-bit model loads in 4-bit, in its training compute dtype (`dtype` may only
+    repeat it), so it scores with the weights its LoRA and head were trained against.
+    """
     from peft import PeftModel
+    from transformers import BitsAndBytesConfig
 
     path = Path(path)
     provenance = path / PROVENANCE_FILE
     if not (path / "adapter_config.json").is_file() or not provenance.is_file():
         raise ClinalignError(f"reward model not found: {path} (expected adapter_config.json and {PROVENANCE_FILE})")
     recorded = json.loads(provenance.read_text())
-    model = reward_backbone(recorded["base"], recorded.get("merged_adapter"), dtype=dtype)
+    quantization = recorded.get("quantization")
+    quantization_config = BitsAndBytesConfig.from_dict(quantization) if quantization else None
+    if quantization_config is not None and quantization_config.load_in_4bit:
+        trained = quantization_config.bnb_4bit_compute_dtype
+        if dtype not in (None, "auto") and resolve_dtype(dtype) != trained:
+            raise ClinalignError(
+                f"reward model {path} was trained in 4-bit with compute dtype {str(trained).removeprefix('torch.')}: "
+                "load it with dtype auto or that dtype"
+            )
+        dtype = trained
+    model = reward_backbone(recorded["base"], recorded.get("merged_adapter"), dtype=dtype,
+                            quantization_config=quantization_config)  # fmt: skip
     model = PeftModel.from_pretrained(model, path)
+    if quantization_config is not None and model.config.model_type == "gpt_oss":
+        from harmony.gpt_oss import quantize_experts
+
+        quantize_experts(model, resolve_dtype(dtype))  # after the adapter is attached, as in training
+        if torch.cuda.is_available():  # quantize_experts put the stacks there; the rest follows
+            model.to(torch.device("cuda", torch.cuda.current_device()))
     tokenizer = load_tokenizer(str(path))
     ensure_pad_token(tokenizer, model)
     model.eval()

@@ -60,7 +60,8 @@ def nf4_config(compute_dtype: torch.dtype):
         bnb_4bit_compute_dtype=compute_dtype,
         bnb_4bit_quant_storage=compute_dtype,
         # The router is not nn.Linear anyway; naming it keeps it 16-bit in any future bitsandbytes walker.
-        llm_int8_skip_modules=["router", "lm_head"],
+        # The output heads stay 16-bit: lm_head, and a reward model's `score` (trained in full).
+        llm_int8_skip_modules=["router", "lm_head", "score"],
     )
 
 
@@ -158,7 +159,9 @@ def quantize_linear(model: nn.Module, compute_dtype: torch.dtype) -> int:
     """Replace the attention `nn.Linear` layers with bitsandbytes `Linear4bit` (NF4); returns how many.
 
     For models that did not come through transformers' 4-bit loader (an MXFP4 checkpoint
-    dequantized on load, a model built from its config).
+    dequantized on load, a model built from its config, a reward backbone with an SFT adapter
+    merged in 16-bit). Only the attention projections are replaced: `lm_head` and a reward
+    model's `score` head stay 16-bit.
     """
     import bitsandbytes as bnb
 
@@ -211,14 +214,18 @@ def set_moe_leaf_modules(model: nn.Module) -> int:
     return len(set_z3_leaf_modules(model, [GptOssMLP]))
 
 
-def load_gpt_oss(name_or_path: str, *, dtype="auto", load_in_4bit: bool = True, device_map=None):
+def load_gpt_oss(
+    name_or_path: str, *, dtype="auto", load_in_4bit: bool = True, device_map=None, model_class=None, **model_kwargs
+):
     """GPT-OSS for LoRA training: eager attention (it has attention sinks), NF4 attention projections.
 
     The experts stay 16-bit here: call `quantize_experts` once LoRA is attached (module docstring).
 
     `name_or_path`: a built-in name (`tiny-gpt-oss`), a folder or a hub id; an MXFP4 checkpoint is
     dequantized on load. Under ZeRO-3 (a quantized load never uses `zero.Init`) every rank loads the
-    model, then DeepSpeed shards the packed weights.
+    model, then DeepSpeed shards the packed weights. `model_class` (default `AutoModelForCausalLM`;
+    e.g. `AutoModelForSequenceClassification` for a reward model, with `num_labels=1` in
+    `model_kwargs`) picks the head; heads other than the attention projections stay 16-bit.
     """
     from transformers import AutoModelForCausalLM, Mxfp4Config
     from transformers.integrations import is_deepspeed_zero3_enabled
@@ -230,7 +237,7 @@ def load_gpt_oss(name_or_path: str, *, dtype="auto", load_in_4bit: bool = True, 
         raise ClinalignError(
             f"{name_or_path} is quantized with {method}; GPT-OSS training needs a bf16 or MXFP4 checkpoint"
         )
-    kwargs = {"dtype": dtype, "attn_implementation": "eager", "device_map": device_map}
+    kwargs = {**model_kwargs, "dtype": dtype, "attn_implementation": "eager", "device_map": device_map}
     if method == "mxfp4":
         kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
     elif load_in_4bit:
@@ -238,7 +245,7 @@ def load_gpt_oss(name_or_path: str, *, dtype="auto", load_in_4bit: bool = True, 
     if load_in_4bit and device_map is None and not torch.cuda.is_available() and not is_deepspeed_zero3_enabled():
         kwargs["device_map"] = "cpu"  # bitsandbytes quantizes where the weights land (ZeRO-3 refuses a device_map)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = (model_class or AutoModelForCausalLM).from_pretrained(path, **kwargs)
     except OSError as e:
         raise ClinalignError(f"cannot load model {name_or_path}: {str(e).splitlines()[0]}") from None
     if model.config.model_type != "gpt_oss":

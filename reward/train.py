@@ -21,9 +21,15 @@ from datasets import Dataset
 from trl import RewardConfig, RewardTrainer, get_peft_config
 
 from clinalign.config import ConfigError, ModelArgs, Parser, run, write_json, write_resolved_config
-from clinalign.models import ensure_pad_token, load_tokenizer, write_adapter_provenance
+from clinalign.models import (
+    ensure_pad_token,
+    load_tokenizer,
+    model_init_kwargs,
+    quantize_after_lora,
+    write_adapter_provenance,
+)
 from clinalign.preferences import read_pairs, split_pairs
-from clinalign.rewards import reward_backbone, score_responses
+from clinalign.rewards import restore_score_dtype, reward_backbone, score_responses
 
 
 @dataclasses.dataclass
@@ -57,7 +63,11 @@ def main(script_args: RewardScriptArgs, training_args: RewardConfig, model_args:
     columns = ("prompt", "chosen", "rejected", "margin")
     train_dataset = Dataset.from_list([{k: row[k] for k in columns if k in row} for row in train_rows])
 
-    model = reward_backbone(model_args.model_name_or_path, script_args.sft_adapter, dtype=model_args.dtype)
+    load = model_init_kwargs(model_args)  # dtype and 4-bit settings, as every training stage loads its base
+    quantization = load.get("quantization_config")
+    model = reward_backbone(
+        model_args.model_name_or_path, script_args.sft_adapter, dtype=load["dtype"], quantization_config=quantization
+    )
     tokenizer = load_tokenizer(model_args.model_name_or_path)
     ensure_pad_token(tokenizer, model)
     # The head is new: it must be trained in full and saved with the adapter, or it is re-initialised on load.
@@ -67,6 +77,8 @@ def main(script_args: RewardScriptArgs, training_args: RewardConfig, model_args:
     trainer = RewardTrainer(
         model=model, args=training_args, train_dataset=train_dataset, processing_class=tokenizer, peft_config=peft_config
     )
+    quantize_after_lora(trainer.model, model_args)  # GPT-OSS 4-bit: experts, now that the LoRA is attached
+    restore_score_dtype(trainer.model, load["dtype"])  # TRL made it bf16 for a 4-bit model
     trainer.train()
     trainer.save_model(training_args.output_dir)
 
@@ -77,7 +89,8 @@ def main(script_args: RewardScriptArgs, training_args: RewardConfig, model_args:
         metrics["eval"] = pairwise_accuracy(model, tokenizer, eval_rows) if eval_rows else {}
         tokenizer.save_pretrained(training_args.output_dir)
         write_adapter_provenance(
-            training_args.output_dir, model_args.model_name_or_path, model, merged_adapter=script_args.sft_adapter
+            training_args.output_dir, model_args.model_name_or_path, model, merged_adapter=script_args.sft_adapter,
+            quantization=quantization.to_dict() if quantization else None,
         )
         write_json(Path(training_args.output_dir) / "metrics.json", metrics)
         write_resolved_config(training_args.output_dir, script_args, training_args, model_args)

@@ -19,10 +19,10 @@ from pathlib import Path
 
 from trl import DPOConfig
 
-from clinalign.config import ModelArgs, Parser, run, write_json, write_resolved_config
+from clinalign.config import ClinalignError, ModelArgs, Parser, run, write_json, write_resolved_config
 from clinalign.data import load_records
 from clinalign.dpo import DPOArgs, build_dpo_trainer
-from clinalign.models import load_policy, write_adapter_provenance
+from clinalign.models import write_adapter_provenance
 from clinalign.policy_eval import evaluate_policy, held_out_records, held_out_safety_prompts
 from clinalign.preferences import read_pairs, split_pairs
 from clinalign.rewards import load_reward_model
@@ -36,6 +36,8 @@ def main(dpo_args: DPOArgs, training_args: DPOConfig, model_args: ModelArgs):
     safety = safety[: dpo_args.eval_max_safety_prompts]
     reward = load_reward_model(dpo_args.reward_model) if dpo_args.reward_model else None
 
+    if not records and not safety:
+        raise ClinalignError("no held-out data to measure the policy on: set eval_data and/or safety_prompts")
     trainer = build_dpo_trainer(dpo_args, training_args, model_args, train_rows, eval_rows)
     tokenizer = trainer.processing_class
     measure = dict(
@@ -48,9 +50,8 @@ def main(dpo_args: DPOArgs, training_args: DPOConfig, model_args: ModelArgs):
     after_pairs = trainer.evaluate() if eval_rows else {}
     # Training wrapped forward in the accelerator's autocast; measure "after" in the precision "before" used.
     trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
-    # The reference for KL: the SFT policy, loaded once more as a frozen model (or the base, adapter disabled).
-    reference = load_policy(model_args.model_name_or_path, dpo_args.sft_adapter)[0] if dpo_args.sft_adapter else None
-    after = evaluate_policy(trainer.model, tokenizer, reference=reference, **measure)
+    # KL to the reference DPO trained against: TRL's frozen copy of the SFT adapter ("ref"), no second model.
+    after = evaluate_policy(trainer.model, tokenizer, reference="ref", **measure)
     trainer.save_model(training_args.output_dir)
 
     metrics = {

@@ -26,7 +26,6 @@ from trl import DPOConfig, RLOOConfig
 from clinalign.config import ClinalignError, ModelArgs, Parser, resolved_config, run, write_json, write_resolved_config
 from clinalign.data import load_records
 from clinalign.dpo import DPOArgs, build_dpo_trainer
-from clinalign.models import load_policy
 from clinalign.plots import kl_frontier
 from clinalign.policy_eval import evaluate_policy, held_out_records, held_out_safety_prompts
 from clinalign.ppo import PPOArgs, build_ppo_trainer, rl_prompts
@@ -66,7 +65,7 @@ def method_parser(method: str) -> Parser:
     return Parser([DPOArgs, DPOConfig, ModelArgs] if method == "dpo" else [PPOArgs, RLOOConfig, ModelArgs])
 
 
-def train_one(method: str, configs: tuple, held_out: dict, reference, reward) -> dict:
+def train_one(method: str, configs: tuple, held_out: dict, reward) -> dict:
     """Train one beta, then measure it; returns the row of the frontier table."""
     method_args, training_args, model_args = configs
     if method == "dpo":
@@ -81,7 +80,8 @@ def train_one(method: str, configs: tuple, held_out: dict, reference, reward) ->
     trainer.train()
     preference = trainer.evaluate().get("eval_rewards/accuracies") if eval_rows else None
     trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)  # drop the training autocast
-    measured = evaluate_policy(trainer.model, trainer.processing_class, reference=reference, reward=reward, **held_out)
+    # KL to the reference the run trained against: the trainer's frozen "ref" copy of the SFT adapter.
+    measured = evaluate_policy(trainer.model, trainer.processing_class, reference="ref", reward=reward, **held_out)
     datasets = [m for name, m in measured.items() if name not in ("safety", "overall")]
 
     def mean(key):
@@ -120,7 +120,7 @@ def main(args: TuneKLArgs):
         raise ClinalignError(f"base config not found: {args.base_config}")
     output_dir = Path(args.output_dir)
     base = method_parser(args.method).parse(["--config", args.base_config])
-    method_args, _, model_args = base
+    method_args = base[0]
     eval_fraction = method_args.eval_fraction
     record_sources = method_args.eval_data if args.method == "dpo" else method_args.data
     records = held_out_records([r for s in record_sources for r in load_records(s).records], eval_fraction)
@@ -130,13 +130,12 @@ def main(args: TuneKLArgs):
                            if method_args.safety_prompts else [])[: args.eval_max_safety_prompts],
     }
     reward = load_reward_model(method_args.reward_model) if method_args.reward_model else None
-    reference = load_policy(model_args.model_name_or_path, method_args.sft_adapter)[0] if method_args.sft_adapter else None
 
     rows = []
     for beta in args.grid:
         run_args = ["--config", args.base_config, "--beta", str(beta), "--max_steps", str(args.max_steps),
                     "--output_dir", str(output_dir / f"{args.method}_beta_{beta:g}"), "--save_strategy", "no"]
-        rows.append(train_one(args.method, method_parser(args.method).parse(run_args), held_out, reference, reward))
+        rows.append(train_one(args.method, method_parser(args.method).parse(run_args), held_out, reward))
         print(f"[tune_kl] {args.method} beta {beta:g}: " + ", ".join(f"{k} {v}" for k, v in rows[-1].items()))
 
     best, within_budget = choose(rows, args.objective, args.kl_estimator, args.kl_budget)

@@ -41,9 +41,10 @@ def test_yaml_then_cli_precedence(tmp_path):
         ("stpes: 7\n", [], "unknown config key 'stpes' in"),
         (None, ["--rtae", "1"], "unknown config key 'rtae' on the command line (did you mean 'rate'?)"),
         ("steps: 2.5\n", [], "config key 'steps' in"),
-        ("steps: many\n", [], "argument --steps: invalid int value: 'many'"),
+        ("steps: many\n", [], "config key 'steps': invalid int value: 'many'"),
         ("names: 3\n", [], "config key 'names' in"),
-        ("mode: medium\n", [], "argument --mode: invalid choice"),
+        ("mode: medium\n", [], "config key 'mode' in"),
+        (None, ["--mode", "medium"], "config key 'mode': invalid choice: 'medium'"),
         ("- a\n- b\n", [], "must hold a YAML mapping"),
         ("steps: [\n", [], "is not valid YAML"),
     ],
@@ -78,7 +79,7 @@ def sft_entry():
     ("extra", "message"),
     [
         (["--learning_rte", "1e-3"], "error: unknown config key 'learning_rte' on the command line (did you mean 'learning_rate'?)"),
-        (["--max_steps", "two"], "error: argument --max_steps: invalid int value: 'two'"),
+        (["--max_steps", "two"], "error: config key 'max_steps': invalid int value: 'two'"),
         (["--model_name_or_path", "./no/such/model"], "error: model not found: ./no/such/model"),
     ],
 )

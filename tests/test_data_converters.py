@@ -292,11 +292,17 @@ def test_every_pubmedqa_layout_gives_the_decision_record(row):
     assert record.question == "Does early mobilisation shorten hospital stay?"
     assert record.context == "Bed rest causes harm. Patients were mobilised early."
     assert (record.options, record.answer, record.answer_text, record.source) == (None, "yes", "yes", "pubmedqa")
+    # The abstract's sections stay a list in meta["contexts"] only where the source gives a list.
+    listed = isinstance(row.get("CONTEXTS"), list) or isinstance(row.get("context"), dict)
+    expected = ["Bed rest causes harm.", "Patients were mobilised early."] if listed else None
+    assert record.meta.get("contexts") == expected
 
 
 def test_pubmedqa_fields_and_problems():
     record = convert_rows({"90000001": ORI_PQAL}.values()).records[0]
-    assert record.explanation == "Early mobilisation shortened stay." and record.meta == {"year": 2016}
+    sections = ["Bed rest causes harm.", "Patients were mobilised early."]  # each normalised, as context is
+    assert record.explanation == "Early mobilisation shortened stay."
+    assert record.meta == {"year": 2016, "contexts": sections} and record.context == " ".join(sections)
     assert convert_record({"question": "Q?", "final_decision": "yes"}).context is None
     assert convert_record(ORI_PQAL | {"final_decision": "unsure"}) == "answer_not_in_options"
     unlabeled = {k: v for k, v in ORI_PQAL.items() if k != "final_decision"}  # pqa_unlabeled

@@ -319,7 +319,10 @@ def test_real_special_cases():
     splits = load_records(REAL_DATA / "pubmedqa__io_wrapper_dev_test__first40each.json", split="test")
     assert splits.report["read"] == 40 and {r.meta["split"] for r in splits.records} == {"test"}
     ori = load_records(REAL_DATA / "pubmedqa__ori_pqal__first300.json").records[0]
-    assert (ori.id, ori.meta, ori.explanation[:30]) == ("21645374", {"year": 2011}, "Results depicted mitochondrial")
+    assert (ori.id, ori.meta["year"], ori.explanation[:30]) == ("21645374", 2011, "Results depicted mitochondrial")
+    # The abstract's sections, kept as a list: mc_eval joins them with newlines, as lm-eval does.
+    assert len(ori.meta["contexts"]) == 2 and " ".join(ori.meta["contexts"]) == ori.context
+    assert ori.meta["contexts"][1].startswith("The following paper elucidates the role of mitochondrial")
     assert ori.context.startswith(
         "Programmed cell death (PCD) is the regulated death of cells within an organism. The lace"
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import torch
 
@@ -54,3 +55,35 @@ def test_benchmark_runs_a_small_config_on_cuda(tmp_path, run_script):
     assert result.returncode == 0, result.stderr[-3000:]
     (row,) = json.loads(out.read_text())["results"]
     assert row["finite"] and row["allocated_gib"] > 0 and row["tokens_per_s"] > 0
+
+
+def test_4bit_reward_model_trains_reloads_and_scores_on_cuda(tiny_gpt_oss, tmp_path):
+    """reward/train.py on GPT-OSS in 4-bit (as tests/test_gpt_oss_paths.py on CPU), then load_reward_model:
+    the whole rebuilt model on the GPU (its experts are quantized there), scores as trained."""
+    import runpy
+    from pathlib import Path
+
+    from clinalign.rewards import load_reward_model, score_responses
+
+    rows = [
+        {"prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": f"Answer: A. {a}"}],
+         "rejected": [{"role": "assistant", "content": f"Answer: B. {b}"}], "margin": 1.0}
+        for q, a, b in [("Which vitamin deficiency causes scurvy?", "Vitamin C", "Vitamin D"),
+                        ("Which organ secretes insulin?", "Pancreas", "Liver")]
+    ]  # fmt: skip
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    repo = Path(__file__).resolve().parents[1]
+    entry = runpy.run_path(str(repo / "reward" / "train.py"), run_name="gpu_check")
+    args = ["--model_name_or_path", "tiny-gpt-oss", "--dtype", "bfloat16", "--load_in_4bit", "true",
+            "--use_bnb_nested_quant", "true", "--bnb_4bit_quant_storage", "bfloat16", "--lora_r", "4",
+            "--lora_alpha", "8", "--lora_dropout", "0.0", "--lora_target_modules", "q_proj", "k_proj", "v_proj",
+            "o_proj", "--lora_target_parameters", "mlp.experts.gate_up_proj", "mlp.experts.down_proj",
+            "--pairs", str(tmp_path / "pairs.jsonl"), "--eval_fraction", "0.0", "--output_dir", str(tmp_path / "rm"),
+            "--max_steps", "2", "--per_device_train_batch_size", "2", "--max_length", "512",
+            "--save_strategy", "no", "--report_to", "none"]  # fmt: skip
+    metrics = entry["main"](*entry["make_parser"]().parse(args))
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in metrics["train"] if "loss" in h)
+    model, tokenizer = load_reward_model(tmp_path / "rm")
+    assert all(p.is_cuda for p in model.parameters())
+    scores = score_responses(model, tokenizer, [r["prompt"] for r in rows], [r["chosen"][0]["content"] for r in rows])
+    assert all(map(math.isfinite, scores)) and scores[0] != scores[1]

@@ -6,11 +6,13 @@ import json
 import runpy
 
 import yaml
+
+from clinalign.data.records import is_held_out
 from conftest import REPO
 
 from clinalign.preferences import load_safety_prompts
 
-CONFIG = "configs/reward/pairs.yaml"
+CONFIG = "configs/reward/tiny_pairs.yaml"  # the shipped sample files, read directly
 
 
 def _read(output_dir):
@@ -36,8 +38,12 @@ def test_pairs_on_the_shipped_data(run_script, tmp_path):
     factuality = [r for r in rows if r["axis"] == "factuality"]
     assert len(factuality) >= 100  # one per labeled sample question
     assert all((r["factuality_chosen"], r["factuality_rejected"]) == (1.0, 0.0) for r in factuality)
+    # Every prompt of the safety set gives a kept pair, except those eval holds out (never trained on).
+    held_out = {p.id for p in load_safety_prompts() if is_held_out(f"safety:{p.id}", 0.2)}
     team_ids = {p.id for p in load_safety_prompts()}
-    assert team_ids <= {r["id"] for r in rows}  # every prompt of the safety set gives a kept pair
+    assert held_out and team_ids - held_out <= {r["id"] for r in rows}
+    assert not held_out & {r["id"] for r in rows}
+    assert report["skipped"]["held_out"] >= len(held_out)
     for row in rows:
         assert row["prompt"][-1]["role"] == "user"
         assert row["chosen"][0]["role"] == row["rejected"][0]["role"] == "assistant"

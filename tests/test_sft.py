@@ -145,33 +145,34 @@ def test_unknown_stage_name_is_a_clear_error(tmp_path):
 def test_kill_in_stage_two_then_resume(tmp_path):
     """SIGKILL the run in the middle of stage 2; the same command skips stage 1 and resumes stage 2."""
     config = yaml.safe_load(Path(TINY).read_text())
-    config["curriculum"] = config["curriculum"][:2]
-    config["curriculum"][1]["max_steps"] = 8
-    config["eval_max_records"] = 4
+    config["curriculum"] = config["curriculum"][1:]  # the short-prompt stages: medmcqa, medqa
+    config["curriculum"][0]["max_steps"] = 1
+    config["curriculum"][1]["max_steps"] = 6
+    config["eval_max_records"] = 2
     (tmp_path / "kill.yaml").write_text(yaml.safe_dump(config))
     config = tmp_path / "kill.yaml"
     command = [sys.executable, "sft/run.py", "--config", str(config), "--output_dir", str(tmp_path / "run")]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoint = tmp_path / "run" / "checkpoints" / "2-medmcqa" / "checkpoint-2"
+    checkpoint = tmp_path / "run" / "checkpoints" / "2-medqa" / "checkpoint-2"
     deadline = time.time() + 300
     while not checkpoint.is_dir() and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    stage1 = tmp_path / "run" / "stages" / "1-pubmedqa"
+    stage1 = tmp_path / "run" / "stages" / "1-medmcqa"
     assert (stage1 / "COMPLETE").is_file()
-    assert not (tmp_path / "run" / "stages" / "2-medmcqa").exists()  # never a half-published adapter
+    assert not (tmp_path / "run" / "stages" / "2-medqa").exists()  # never a half-published adapter
     complete = [int(p.parent.name.split("-")[1]) for p in checkpoint.parent.glob("checkpoint-*/trainer_state.json")]
     stage1_weights = lora_weights(stage1)
     stage1_mtime = (stage1 / "adapter_model.safetensors").stat().st_mtime_ns
 
     rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert "stage 1-pubmedqa: complete, skipped" in rerun.stdout
+    assert "stage 1-medmcqa: complete, skipped" in rerun.stdout
     assert (stage1 / "adapter_model.safetensors").stat().st_mtime_ns == stage1_mtime
     assert all(torch.equal(v, lora_weights(stage1)[k]) for k, v in stage1_weights.items())
-    metrics = json.loads((tmp_path / "run" / "stages" / "2-medmcqa" / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "run" / "stages" / "2-medqa" / "metrics.json").read_text())
     # The newest checkpoint the kill left complete (a half-written one is discarded, not loaded).
     assert metrics["resumed_from_step"] == max(complete)
-    assert metrics["global_step"] == 8
+    assert metrics["global_step"] == 6

@@ -5,8 +5,11 @@
     result.records  # list[Record]
     result.report   # {"read", "kept", "skipped": {reason: count}, "dataset", "schema"}
 
-CLI: `python -m clinalign.data convert INPUT --out OUT.jsonl` and `python -m clinalign.data check
-TRAIN EVAL` (see `__main__`).
+    from clinalign.data import convert_file
+    report = convert_file("medmcqa_train.jsonl", "out.jsonl")  # file -> JSONL, the fastest way
+
+CLI: `python -m clinalign.data convert INPUT --out OUT.jsonl` (`convert_file`) and
+`python -m clinalign.data check TRAIN EVAL` (see `__main__`).
 
 Every raw record becomes a `Record` or a counted skip, so `read == kept + sum(skipped)` always:
 
@@ -61,6 +64,7 @@ __all__ = [
     "ConversionResult",
     "Record",
     "SAMPLE_DATA",
+    "convert_file",
     "convert_record",
     "convert_rows",
     "count_overlap",
@@ -108,6 +112,37 @@ def load_records(
     with _gc_paused():
         opened = open_source(str(source), split=split, config_name=config_name)
         return _convert(opened, dataset, keep_unlabeled)
+
+
+def convert_file(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    dataset: str = "auto",
+    format: str = "canonical",
+    keep_unlabeled: bool = False,
+    split: str | None = None,
+    config_name: str | None = None,
+) -> dict[str, Any]:
+    """Convert a file or hub id straight to a JSONL file (the CLI's `convert`); returns the report.
+
+    The same lines and report as `load_records` + `write_records`. A JSON-lines file of rows with
+    options in columns (MedMCQA's layout), written in canonical format, goes through `columnar`,
+    whole columns at a time and several times faster; any file that path cannot show it converts
+    identically goes record by record.
+    """
+    _check_dataset(dataset)
+    _check_format(format)
+    path = Path(source).expanduser()
+    if format == "canonical" and path.suffix.lower() == ".jsonl" and path.is_file():
+        from clinalign.data import columnar  # imports pyarrow: only when it may be used
+
+        with _gc_paused():
+            converted = columnar.convert_jsonl(path, out, dataset, keep_unlabeled, split)
+        if converted is not None:
+            return converted.report
+    result = load_records(source, dataset, keep_unlabeled, split, config_name)
+    write_records(result.records, out, format)
+    return result.report
 
 
 def convert_rows(
@@ -169,6 +204,11 @@ def _gc_paused():
 def _check_dataset(dataset: str) -> None:
     if dataset not in DATASETS:
         raise ClinalignError(f"unknown dataset {dataset!r}: choose one of {', '.join(DATASETS)}")
+
+
+def _check_format(format: str) -> None:
+    if format not in FORMATS:
+        raise ClinalignError(f"unknown format {format!r}: choose one of {', '.join(FORMATS)}")
 
 
 def _unwrap(row: dict) -> dict:
@@ -233,12 +273,24 @@ def _convert_one(row: Any, key: Any, position: int, ctx: Context, schemas: dict)
         return f"unexpected_{type(error).__name__}", schema
 
 
+def _file_context(sample: list[dict], hints: list[str], dataset: str, keep_unlabeled: bool) -> tuple[Context, bool]:
+    """What converters know about a file, from a sample of its records (the index base aside).
+
+    The flag says whether keys or names decided the family (see `_guess_family`).
+    """
+    family, evidence = (dataset, True) if dataset != "auto" else _guess_family(sample, hints)
+    return Context(family, keep_unlabeled, explicit=dataset != "auto"), evidence
+
+
+def _index_keys(sample: list[dict]) -> set[str]:
+    """The answer fields whose integers need an index base (decided over the whole file)."""
+    return {key for row in sample for key in INDEX_ANSWER_KEYS if key in row}
+
+
 def _convert(source: Source, dataset: str, keep_unlabeled: bool) -> ConversionResult:
     sample = _sample(source.batches)
-    family, evidence = (dataset, True) if dataset != "auto" else _guess_family(sample, source.hints)
-    ctx = Context(family, keep_unlabeled, explicit=dataset != "auto")
-    candidates = {key for row in sample for key in INDEX_ANSWER_KEYS if key in row}
-    for key in candidates:
+    ctx, evidence = _file_context(sample, source.hints, dataset, keep_unlabeled)
+    for key in _index_keys(sample):
         ctx.index_base[key] = medmcqa.index_base(_unwrapped_rows(source.batches), key)
 
     records: list[Record] = []
@@ -276,14 +328,35 @@ def _convert(source: Source, dataset: str, keep_unlabeled: bool) -> ConversionRe
                 skipped[result] += 1
     for schema, count in rows_per_schema.items():
         layouts[schema.name] += count
-    report = {
+    sources = {r.source for r in records}
+    return ConversionResult(records, _report(read, len(records), skipped, sources, ctx, evidence, layouts))
+
+
+def _report(
+    read: int,
+    kept: int,
+    skipped: collections.Counter[str],
+    sources: set[str],
+    ctx: Context,
+    evidence: bool,
+    layouts: collections.Counter[str],
+) -> dict[str, Any]:
+    """The conversion report; `sources` are the kept records' sources, `layouts` records per layout name.
+
+    "dataset" is the records' one source, "mixed" for several, else the family (or "unknown" when
+    only the content guess said it).
+    """
+    if len(sources) == 1:
+        dataset = next(iter(sources))
+    else:
+        dataset = "mixed" if sources else (ctx.family if evidence else "unknown")
+    return {
         "read": read,
-        "kept": len(records),
+        "kept": kept,
         "skipped": dict(sorted(skipped.items())),
-        "dataset": _dataset_name(records, family if evidence else "unknown"),
+        "dataset": dataset,
         "schema": _schema_summary(layouts),
     }
-    return ConversionResult(records, report)
 
 
 def _schema_summary(layouts: collections.Counter[str]) -> str:
@@ -309,11 +382,6 @@ def _unwrapped_rows(batches: list[Batch]) -> Iterable[Any]:
     for batch in batches:
         for row in batch.rows:
             yield _unwrap(row) if isinstance(row, dict) and ("data" in row or "instances" in row) else row
-
-
-def _dataset_name(records: list[Record], family: str) -> str:
-    sources = {r.source for r in records}
-    return sources.pop() if len(sources) == 1 else ("mixed" if sources else family)
 
 
 def family_from_name(name: str) -> str | None:
@@ -392,8 +460,7 @@ def write_records(records: Iterable[Record], path: str | os.PathLike, format: st
     """
     from clinalign import prompts
 
-    if format not in FORMATS:
-        raise ClinalignError(f"unknown format {format!r}: choose one of {', '.join(FORMATS)}")
+    _check_format(format)
     encode = _json_encoder()
     with _gc_paused():
         if format == "canonical":

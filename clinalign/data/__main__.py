@@ -15,7 +15,7 @@ import argparse
 import sys
 
 from clinalign.config import ClinalignError, write_json
-from clinalign.data import DATASETS, FORMATS, count_overlap, load_records, write_records
+from clinalign.data import DATASETS, FORMATS, convert_file, count_overlap, load_records
 
 
 class _Parser(argparse.ArgumentParser):
@@ -50,11 +50,12 @@ def summary(report: dict) -> str:
 
 
 def convert(args: argparse.Namespace) -> None:
-    result = load_records(args.input, args.dataset, args.keep_unlabeled, args.split, args.config_name)
-    written = write_records(result.records, args.out, args.format)
+    report = convert_file(
+        args.input, args.out, args.dataset, args.format, args.keep_unlabeled, args.split, args.config_name
+    )
     if args.report:
-        write_json(args.report, result.report)
-    print(f"{summary(result.report)} -> {args.out} ({written} lines, {args.format})")
+        write_json(args.report, report)
+    print(f"{summary(report)} -> {args.out} ({report['kept']} lines, {args.format})")
 
 
 def check(args: argparse.Namespace) -> None:

@@ -14,7 +14,7 @@ import ast
 import dataclasses
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from clinalign.data.records import DECISIONS, LETTERS, Record
@@ -59,10 +59,15 @@ class Context:
 
 @dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: counted per record
 class Schema:
-    """One record layout: a name for the report and the function that converts such records."""
+    """One record layout: a name for the report and the function that converts such records.
+
+    `layout` is where the fields sit, for layouts a faster whole-file path also reads
+    (`medmcqa.ColumnLayout`, read by `columnar`); None for the others.
+    """
 
     name: str
     convert: Callable[[dict, Any, int, Context], Record]
+    layout: Any = None
 
 
 def first_key(keys: Any, aliases: tuple[str, ...]) -> str | None:
@@ -111,14 +116,6 @@ def clean(value: Any) -> str | None:
     if not text or (len(text) == 3 and text.lower() == "nan"):
         return None
     return text
-
-
-def text_of(value: Any) -> str | None:
-    """Like `clean`, but a list of strings (PubMedQA's CONTEXTS) is joined with spaces."""
-    if isinstance(value, list):
-        parts = [part for part in map(clean, value) if part]
-        return " ".join(parts) or None
-    return clean(value)
 
 
 def record_id(value: Any, ctx: Context, position: int) -> str:
@@ -374,6 +371,12 @@ def decision_of(value: Any) -> str | None:
 # ---- records -------------------------------------------------------------------------------------
 
 
+def has_duplicates(texts: Collection[str]) -> bool:
+    """Whether two option texts are the same, ignoring case (as `Record.problems()` compares them)."""
+    return len(set(map(str.lower, texts))) != len(texts)
+
+
+
 def mcq_record(
     ctx: Context,
     rid: str,
@@ -388,7 +391,7 @@ def mcq_record(
     """The canonical multiple-choice record, once question, options and letter are known."""
     if letter is None and not ctx.keep_unlabeled:
         raise Skip("no_answer")
-    if len(set(map(str.lower, options.values()))) != len(options):
+    if has_duplicates(options.values()):
         raise Skip("duplicate_options")
     if ctx.split and "split" not in meta:
         meta["split"] = ctx.split
@@ -418,7 +421,9 @@ def decision_record(
     """The canonical yes/no/maybe record (PubMedQA).
 
     Copies that fold the abstract into the question ("<abstract>\\n<question>") are split at the
-    last line, so the context and the question land in their own fields.
+    last line, so the context and the question land in their own fields. An abstract given as a
+    list of sections is joined with spaces into `context` and also kept, section by section, in
+    `meta["contexts"]` (lm-evaluation-harness joins the sections with newlines: `mc_eval`).
     """
     if context_value is None and isinstance(question_value, str):
         head, _, tail = question_value.strip().rpartition("\n")
@@ -431,11 +436,16 @@ def decision_record(
         raise Skip("no_answer")
     if isinstance(context_value, dict):  # the hub's PubMedQA: {"contexts": [...], "labels": [...]}
         context_value = context_value.get("contexts")
+    if isinstance(context_value, list):
+        sections = [part for part in map(clean, context_value) if part]
+        if sections:
+            meta["contexts"] = sections
+        context = " ".join(sections) or None
+    else:
+        context = clean(context_value)
     if ctx.split and "split" not in meta:
         meta["split"] = ctx.split
-    return Record(
-        rid, source or ctx.family, question, text_of(context_value), None, decision, decision, explanation, meta
-    )
+    return Record(rid, source or ctx.family, question, context, None, decision, decision, explanation, meta)
 
 
 # ---- questions inside prompt text ----------------------------------------------------------------

@@ -15,6 +15,7 @@ a value equal to the number of options means 1; otherwise the original release's
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from typing import Any
 
@@ -102,22 +103,60 @@ def index_base(rows: Iterable[Any], key: str) -> int:
             return 0
         if not one_based and value >= 2 and value == count_options(row):
             one_based = True  # the last option's number: only a 1-based count reaches it
-    if one_based:
+    return decide_index_base(key, first, has_zero=False, reaches_last=one_based)
+
+
+def decide_index_base(key: str, first: dict | None, has_zero: bool, reaches_last: bool) -> int:
+    """The index base from what a file's answers show: a 0 anywhere means 0; an answer equal to its
+    record's number of options (at least 2) means 1; otherwise the first record's key order decides."""
+    if has_zero:
+        return 0
+    if reaches_last:
         return 1
     return 1 if key == "cop" and first is not None and tuple(first)[:3] == ORIGINAL_KEY_ORDER else 0
 
 
-def schema_for(keys: dict) -> Schema | None:
-    """The column layout for a record with these keys, or None when its options are not columns."""
+@dataclasses.dataclass(frozen=True)
+class ColumnLayout:
+    """Where a record with options in columns keeps each field (found once per key set)."""
+
+    question: str | None
+    columns: tuple[str, ...]  # the option columns, in letter order
+    answers: tuple[str, ...]  # the answer fields present, most trusted first
+    explanation: str | None
+    id_key: str | None
+    meta_keys: tuple[tuple[str, str], ...]  # (meta name, source key)
+    year: str | None
+
+    @property
+    def name(self) -> str:
+        return f"option columns {self.columns[0]}..{self.columns[-1]}, answer {'/'.join(self.answers) or 'none'}"
+
+
+def column_layout(keys: Any) -> ColumnLayout | None:
+    """The column layout of a record with these keys, or None when its options are not columns."""
     columns = option_columns(keys)
     if columns is None:
         return None
-    question = first_key(keys, QUESTION_KEYS)
-    answers = tuple(k for k in ANSWER_KEYS if k in keys and k not in columns)
-    explanation = first_key(keys, EXPLANATION_KEYS)
-    id_key = first_key(keys, ID_KEYS)
-    meta_keys = tuple((name, found) for name, aliases in META_KEYS if (found := first_key(keys, aliases)))
-    year = "year" if "year" in keys else None
+    return ColumnLayout(
+        question=first_key(keys, QUESTION_KEYS),
+        columns=columns,
+        answers=tuple(k for k in ANSWER_KEYS if k in keys and k not in columns),
+        explanation=first_key(keys, EXPLANATION_KEYS),
+        id_key=first_key(keys, ID_KEYS),
+        meta_keys=tuple((name, found) for name, aliases in META_KEYS if (found := first_key(keys, aliases))),
+        year="year" if "year" in keys else None,
+    )
+
+
+def schema_for(keys: dict) -> Schema | None:
+    """The column layout for a record with these keys, or None when its options are not columns."""
+    layout = column_layout(keys)
+    if layout is None:
+        return None
+    # Locals, not attribute look-ups, in the converter: it runs once per record.
+    question, columns, answers, explanation = layout.question, layout.columns, layout.answers, layout.explanation
+    id_key, meta_keys, year = layout.id_key, layout.meta_keys, layout.year
     single = answers[0] if len(answers) == 1 else None
 
     def convert(row: dict, key: Any, position: int, ctx: Context) -> Record:
@@ -143,5 +182,4 @@ def schema_for(keys: dict) -> Schema | None:
         explanation_text = clean(row.get(explanation)) if explanation else None
         return mcq_record(ctx, rid, text, options, letter, explanation_text, meta)
 
-    shown = f"{columns[0]}..{columns[-1]}"
-    return Schema(f"option columns {shown}, answer {'/'.join(answers) or 'none'}", convert)
+    return Schema(layout.name, convert, layout)

@@ -153,14 +153,20 @@ def _parse_json_lines(text: str) -> list[Any] | None:
     for line in text.split("\n"):  # not splitlines(): U+2028 may sit unescaped inside a JSON string
         if not line or line.isspace():
             continue
-        try:
-            append(_parse_line(line))
-        except (ValueError, StopIteration, RecursionError):
-            if first and _is_json(text):
-                return None
-            append(InvalidJson(line))
+        row = parse_row(line)
+        if first and row.__class__ is InvalidJson and _is_json(text):
+            return None
+        append(row)
         first = False
     return rows
+
+
+def parse_row(line: str) -> Any:
+    """One line of a JSON-lines file: its value, or the line as `InvalidJson` when it is not JSON."""
+    try:
+        return _parse_line(line)
+    except (ValueError, StopIteration, RecursionError):
+        return InvalidJson(line)
 
 
 def _parse_line(line: str) -> Any:
