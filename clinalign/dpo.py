@@ -47,11 +47,25 @@ class DPOArgs:
     reward_model: str | None = dataclasses.field(
         default=None, metadata={"help": "Reward model folder: adds its mean score on held-out responses."}
     )
+    reasoning_effort: str = dataclasses.field(
+        default="low",
+        metadata={"help": "Harmony reasoning effort of the prompts (GPT-OSS): the SFT stages' setting.",
+                  "choices": ["low", "medium", "high"]},
+    )  # fmt: skip
 
 
-def preference_dataset(rows: list[dict]) -> Dataset:
-    """TRL's conversational preference format: prompt messages, chosen / rejected assistant turns."""
-    return Dataset.from_list([{k: row[k] for k in ("prompt", "chosen", "rejected")} for row in rows])
+def preference_dataset(rows: list[dict], reasoning_effort: str = "low") -> Dataset:
+    """TRL's conversational preference format: prompt messages, chosen / rejected assistant turns.
+
+    Each row carries `chat_template_kwargs` {"reasoning_effort"}: TRL renders it into a harmony
+    template's system message (GPT-OSS, as SFT trained it; the template's own default is "medium");
+    other chat templates ignore it.
+    """
+    template_kwargs = {"reasoning_effort": reasoning_effort}
+    columns = ("prompt", "chosen", "rejected")
+    return Dataset.from_list(
+        [{**{k: row[k] for k in columns}, "chat_template_kwargs": template_kwargs} for row in rows]
+    )
 
 
 def build_dpo_trainer(dpo_args: DPOArgs, training_args: DPOConfig, model_args, train_rows, eval_rows) -> DPOTrainer:
@@ -64,8 +78,8 @@ def build_dpo_trainer(dpo_args: DPOArgs, training_args: DPOConfig, model_args, t
         model=policy,
         ref_model=None,
         args=training_args,
-        train_dataset=preference_dataset(train_rows),
-        eval_dataset=preference_dataset(eval_rows) if eval_rows else None,
+        train_dataset=preference_dataset(train_rows, dpo_args.reasoning_effort),
+        eval_dataset=preference_dataset(eval_rows, dpo_args.reasoning_effort) if eval_rows else None,
         processing_class=tokenizer,
     )
     quantize_after_lora(trainer.model, model_args)  # GPT-OSS 4-bit: experts, once both adapters exist

@@ -1,7 +1,10 @@
 """Generation-based metrics in the toolkit's own chat format, text overlap, and KL to a reference.
 
-- `generate_responses`: batched greedy generation (left padding) from chat messages rendered with
-  the tokenizer's chat template, i.e. the format SFT trained on (`clinalign.prompts`).
+- `generate_responses` / `generate`: batched greedy generation (left padding) in the format SFT
+  trained the model on (`prompt_ids`, the one place that decides it): GPT-OSS models in harmony
+  (openai-harmony's renderer, the reasoning effort SFT used), stopping at harmony's stop tokens, and
+  their answer is the parsed final channel only (the analysis channel is kept aside, never scored);
+  every other model with the tokenizer's chat template (`clinalign.prompts`' messages).
 - `answer_metrics`: accuracy of the answer extracted by the shared factuality extractor, the share
   of responses with no extractable answer, exact match of the answer line, and ROUGE-L / BLEU of
   the generated explanations against the records' reference explanations.
@@ -15,6 +18,7 @@ Log-likelihood multiple-choice accuracy (lm-eval's protocol) lives in `clinalign
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -33,26 +37,48 @@ EXPLANATION_MARKER = "Explanation:"
 # Generation
 
 
-def _render(tokenizer, messages_list: Sequence[list[dict[str, str]]]) -> list[str]:
+def uses_harmony(model) -> bool:
+    """GPT-OSS models are prompted and read in harmony (sft/run.py trains them so); others use their chat template."""
+    return getattr(model.config, "model_type", None) == "gpt_oss"
+
+
+def prompt_ids(
+    model, tokenizer, messages_list: Sequence[list[dict[str, str]]], *, reasoning_effort: str = "low"
+) -> list[list[int]]:
+    """Token ids of each conversation's prompt, ending where the model starts its answer.
+
+    GPT-OSS: `harmony.render.render_messages_for_completion` with `reasoning_effort` (SFT's setting,
+    default "low"); any other model: the tokenizer's chat template with its generation prompt.
+    """
+    if uses_harmony(model):
+        from harmony.render import render_messages_for_completion
+        from harmony.vocab import VOCAB_SIZE
+
+        if model.config.vocab_size < VOCAB_SIZE:
+            raise ClinalignError(
+                f"GPT-OSS model with a {model.config.vocab_size}-token vocabulary: harmony prompts need the o200k "
+                f"harmony vocabulary ({VOCAB_SIZE} tokens)"
+            )
+        return [render_messages_for_completion(m, reasoning_effort=reasoning_effort) for m in messages_list]
     if tokenizer.chat_template is None:
         raise ClinalignError("the tokenizer has no chat template: generation metrics need the chat format")
-    return [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in messages_list]
+    texts = [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in messages_list]
+    # The chat template already holds any BOS the model expects.
+    return [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
 
 
-def _left_padded(tokenizer, texts: list[str], device) -> dict[str, torch.Tensor]:
+def _left_padded(tokenizer, ids_list: list[list[int]], device) -> dict[str, torch.Tensor]:
     if tokenizer.pad_token_id is None:
         raise ClinalignError("the tokenizer has no pad token: load it with clinalign.models.load_tokenizer")
-    # The chat template already holds any BOS the model expects.
-    enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    enc = tokenizer.pad({"input_ids": ids_list}, padding=True, padding_side="left", return_tensors="pt")
     return {k: v.to(device) for k, v in enc.items()}
 
 
-def _batches(texts: list[str], tokenizer, batch_size: int) -> list[list[int]]:
+def _batches(ids_list: list[list[int]], batch_size: int) -> list[list[int]]:
     """Indices grouped into batches of similar prompt length (little padding); order restored by the caller."""
     if batch_size < 1:
         raise ClinalignError(f"batch_size must be at least 1, got {batch_size}")
-    lengths = [len(tokenizer(t, add_special_tokens=False).input_ids) for t in texts]
-    order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+    order = sorted(range(len(ids_list)), key=lambda i: -len(ids_list[i]))
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
@@ -66,7 +92,78 @@ def _eval_mode(model):
         model.train(was_training)
 
 
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """One generated answer.
+
+    `response` is what every metric scores: a harmony model's final channel ("" when the generation
+    stopped before one: no extractable answer, never its analysis), else the decoded text.
+    `analysis` is a harmony model's analysis channel, kept for inspection and never scored (None for
+    other models); `final_missing` is True for a harmony generation with no final channel at all.
+    """
+
+    response: str
+    analysis: str | None = None
+    final_missing: bool = False
+
+
+def read_generation(
+    tokenizer, token_ids: Sequence[int], *, harmony: bool, skip_special_tokens: bool = True
+) -> Generation:
+    """The generated tokens of one answer (up to its stop token) -> `Generation`."""
+    if harmony:
+        from harmony.render import parse_completion
+
+        parsed = parse_completion(list(token_ids))
+        return Generation(parsed["final"] or "", parsed["analysis"], final_missing=parsed["final"] is None)
+    return Generation(tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens).strip())
+
+
 @torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    messages_list: Sequence[list[dict[str, str]]],
+    *,
+    max_new_tokens: int = 256,
+    batch_size: int = 8,
+    reasoning_effort: str = "low",
+    skip_special_tokens: bool = True,
+    progress: bool = True,
+) -> list[Generation]:
+    """Greedy answers, one per conversation, in order, prompted and read as `prompt_ids` / `read_generation` say.
+
+    `reasoning_effort` is the harmony setting SFT trained with (GPT-OSS only); `skip_special_tokens`
+    applies to chat-template models (a harmony answer is parsed from its tokens).
+    """
+    harmony = uses_harmony(model)
+    prompts = prompt_ids(model, tokenizer, messages_list, reasoning_effort=reasoning_effort)
+    device = next(model.parameters()).device
+    stop_ids = _eos_ids(model, tokenizer)
+    generations: list[Generation | None] = [None] * len(prompts)
+    with _eval_mode(model):
+        for batch in tqdm(_batches(prompts, batch_size), desc="generating", unit="batch", disable=not progress):
+            enc = _left_padded(tokenizer, [prompts[i] for i in batch], device)
+            out = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                eos_token_id=sorted(stop_ids),
+                pad_token_id=tokenizer.pad_token_id,
+                **no_router_logits(model),  # GPT-OSS's aux-loss path fails on padded batches while decoding
+            )
+            new_tokens = out[:, enc["input_ids"].shape[1] :]
+            keep = _response_mask(new_tokens, stop_ids).bool()  # drop the padding after each stop token
+            for i, tokens, kept in zip(batch, new_tokens, keep):
+                generations[i] = read_generation(
+                    tokenizer, tokens[kept].tolist(), harmony=harmony, skip_special_tokens=skip_special_tokens
+                )
+    return generations
+
+
 def generate_responses(
     model,
     tokenizer,
@@ -76,34 +173,17 @@ def generate_responses(
     batch_size: int = 8,
     skip_special_tokens: bool = True,
     progress: bool = True,
+    reasoning_effort: str = "low",
 ) -> list[str]:
-    """Greedy responses, one per conversation, in order.
+    """Greedy responses, one per conversation, in order: the text that is scored (see `generate`).
 
-    Keep the special tokens (`skip_special_tokens=False`) for harmony models, whose channel markers
-    `harmony.render.parse_completion` needs to find the final answer.
+    For GPT-OSS that is the final channel of each harmony answer, "" where there is none.
     """
-    texts = _render(tokenizer, messages_list)
-    device = next(model.parameters()).device
-    eos_ids = _eos_ids(model, tokenizer)
-    responses: list[str | None] = [None] * len(texts)
-    batches = _batches(texts, tokenizer, batch_size)
-    with _eval_mode(model):
-        for batch in tqdm(batches, desc="generating", unit="batch", disable=not progress):
-            enc = _left_padded(tokenizer, [texts[i] for i in batch], device)
-            out = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            new_tokens = out[:, enc["input_ids"].shape[1] :]
-            keep = _response_mask(new_tokens, eos_ids).bool()  # drop the padding after each EOS
-            for i, tokens, kept in zip(batch, new_tokens, keep):
-                responses[i] = tokenizer.decode(tokens[kept], skip_special_tokens=skip_special_tokens).strip()
-    return responses
+    generations = generate(
+        model, tokenizer, messages_list, max_new_tokens=max_new_tokens, batch_size=batch_size,
+        reasoning_effort=reasoning_effort, skip_special_tokens=skip_special_tokens, progress=progress,
+    )  # fmt: skip
+    return [g.response for g in generations]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,10 +300,16 @@ def _response_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Ten
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
+    """Where a generated answer ends: the model's and tokenizer's EOS, plus harmony's `<|return|>` and
+    `<|call|>` for GPT-OSS (not `<|end|>`: it closes the analysis message, and the final one follows)."""
     ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
+    if uses_harmony(model):
+        from harmony.render import TERMINAL_TOKENS
+
+        ids.update(TERMINAL_TOKENS)
     return ids
 
 
@@ -238,26 +324,29 @@ def kl_to_reference(
     seed: int = 0,
     batch_size: int = 8,
     progress: bool = True,
+    reasoning_effort: str = "low",
 ) -> dict[str, float | int]:
     """KL(model || reference) per sequence on responses sampled from the model (temperature 1, no top-k/p).
 
     `reference` is another model sharing the tokenizer, None for the same PeftModel with its
     adapters disabled, or the name of another adapter of that PeftModel (TRL's frozen "ref"). Returns the mean over sequences of the k1 and k3 sums (nats per sequence),
-    the number of sequences `n` and their mean response length in tokens.
+    the number of sequences `n` and their mean response length in tokens. Prompts and stop tokens are
+    the model's own format (`prompt_ids`: harmony with `reasoning_effort` for GPT-OSS); for harmony
+    the whole sampled turn counts (analysis and final channels).
     """
     if not messages_list:
         raise ClinalignError("kl_to_reference needs at least one prompt")
     if (reference is None or isinstance(reference, str)) and not hasattr(model, "disable_adapter"):
         raise ClinalignError("reference=None means 'the model without its adapters': the model has no adapters")
-    texts = _render(tokenizer, messages_list)
+    prompts = prompt_ids(model, tokenizer, messages_list, reasoning_effort=reasoning_effort)
     device = next(model.parameters()).device
     eos_ids = _eos_ids(model, tokenizer)
     k1_all, k3_all, lengths = [], [], []
-    batches = _batches(texts, tokenizer, batch_size)
+    batches = _batches(prompts, batch_size)
     with _eval_mode(model), torch.random.fork_rng():
         torch.manual_seed(seed)
         for batch in tqdm(batches, desc="KL to reference", unit="batch", disable=not progress):
-            enc = _left_padded(tokenizer, [texts[i] for i in batch], device)
+            enc = _left_padded(tokenizer, [prompts[i] for i in batch], device)
             with torch.no_grad():
                 sequences = model.generate(
                     **enc,
@@ -267,7 +356,9 @@ def kl_to_reference(
                     top_k=0,
                     top_p=1.0,
                     num_return_sequences=num_samples,
+                    eos_token_id=sorted(eos_ids),
                     pad_token_id=tokenizer.pad_token_id,
+                    **no_router_logits(model),
                 )
             n_prompt = enc["input_ids"].shape[1]
             response_mask = _response_mask(sequences[:, n_prompt:], eos_ids)

@@ -12,6 +12,11 @@ every training stage respects):
   on the benign controls;
 - overall: the reward model's mean score on all generated responses (`rm_score`) and KL(model ||
   reference) per sequence on sampled responses (`kl_k1`, `kl_k3`).
+
+A GPT-OSS policy is prompted in harmony with the reasoning effort SFT trained it with, and every
+metric reads its final channel only (`clinalign.evaluation.generate`); per dataset and on the safety
+set, `final_missing` is then the share of answers that stopped before a final channel (scored as
+no answer: raise max_new_tokens or lower the reasoning effort when it is high).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from clinalign.data.records import Record, is_held_out
-from clinalign.evaluation import answer_metrics, generate_responses, kl_to_reference
+from clinalign.evaluation import Generation, answer_metrics, generate, kl_to_reference, uses_harmony
 from clinalign.mc_eval import mc_accuracy, score_multiple_choice
 from clinalign.preferences import SafetyPrompt, load_safety_prompts
 from clinalign.prompts import free_text_messages, prompt_messages
@@ -57,6 +62,11 @@ def safety_metrics(prompts: list[SafetyPrompt], responses: list[str]) -> dict:
     }
 
 
+def final_missing_share(generations: list[Generation]) -> float | None:
+    """Share of harmony answers with no final channel (they score as no answer, never by their analysis)."""
+    return sum(g.final_missing for g in generations) / len(generations) if generations else None
+
+
 def evaluate_policy(
     model,
     tokenizer,
@@ -73,22 +83,26 @@ def evaluate_policy(
     kl_num_samples: int = 1,
     batch_size: int = 8,
     progress: bool = False,
+    reasoning_effort: str = "low",
 ) -> dict:
     """Every metric of the module docstring for one policy; returns {dataset: {metric: value}} + "overall".
 
     `reward` is a (reward model, tokenizer) pair or None; `reference` a model sharing the tokenizer,
     an adapter name of the policy (e.g. TRL's frozen "ref"), or None to compare against the policy's
-    own base (adapters disabled); `kl=False` skips KL.
+    own base (adapters disabled); `kl=False` skips KL. `reasoning_effort`: the harmony setting the
+    policy was trained with (GPT-OSS only; sft/run.py's default is "low").
     """
     results: dict[str, dict] = {}
     question_messages = [prompt_messages(r) for r in records]
     safety_messages = [free_text_messages(p.prompt) for p in safety_prompts]
-    question_responses = generate_responses(
-        model, tokenizer, question_messages, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress
+    harmony = uses_harmony(model)
+    generation = dict(
+        max_new_tokens=max_new_tokens, batch_size=batch_size, reasoning_effort=reasoning_effort, progress=progress
     )
-    safety_responses = generate_responses(
-        model, tokenizer, safety_messages, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress
-    )
+    question_generations = generate(model, tokenizer, question_messages, **generation)
+    safety_generations = generate(model, tokenizer, safety_messages, **generation)
+    question_responses = [g.response for g in question_generations]
+    safety_responses = [g.response for g in safety_generations]
 
     by_source: dict[str, list[int]] = defaultdict(list)
     for i, record in enumerate(records):
@@ -97,19 +111,26 @@ def evaluate_policy(
         subset = [records[i] for i in indices]
         metrics = answer_metrics(subset, [question_responses[i] for i in indices])
         metrics = {"gen_acc": metrics.pop("acc"), **metrics}
+        if harmony:
+            metrics["final_missing"] = final_missing_share([question_generations[i] for i in indices])
         if multiple_choice:
             mc = mc_accuracy(score_multiple_choice(model, tokenizer, subset, progress=progress))
             metrics.update({"mc_acc": mc["acc"], "mc_acc_norm": mc["acc_norm"]})
         results[source] = metrics
     if safety_prompts:
         results["safety"] = safety_metrics(safety_prompts, safety_responses)
+        if harmony:
+            results["safety"]["final_missing"] = final_missing_share(safety_generations)
 
     overall: dict = {}
     if reward is not None:
         rm_model, rm_tokenizer = reward
         all_messages = question_messages + safety_messages
         all_responses = question_responses + safety_responses
-        scores = score_responses(rm_model, rm_tokenizer, all_messages, all_responses, batch_size=batch_size)
+        scores = score_responses(
+            rm_model, rm_tokenizer, all_messages, all_responses,
+            batch_size=batch_size, reasoning_effort=reasoning_effort,
+        )  # fmt: skip
         overall["rm_score"] = sum(scores) / len(scores) if scores else None
     kl_prompts = (question_messages[: kl_max_prompts // 2] + safety_messages)[:kl_max_prompts]
     if kl and kl_prompts and (reference is not None or hasattr(model, "disable_adapter")):
@@ -117,6 +138,7 @@ def evaluate_policy(
             kl_to_reference(
                 model, reference, tokenizer, kl_prompts, max_new_tokens=kl_max_new_tokens,
                 num_samples=kl_num_samples, batch_size=batch_size, progress=progress,
+                reasoning_effort=reasoning_effort,
             )
         )
     results["overall"] = overall

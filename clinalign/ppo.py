@@ -50,6 +50,11 @@ class PPOArgs:
         default=None, metadata={"help": "Target KL per sequence (nats) for the adaptive controller; null: fixed beta."}
     )
     kl_horizon: float = dataclasses.field(default=10000.0, metadata={"help": "Controller horizon, in sequences."})
+    reasoning_effort: str = dataclasses.field(
+        default="low",
+        metadata={"help": "GPT-OSS: the harmony reasoning effort SFT trained with (prompts, reward model).",
+                  "choices": ["low", "medium", "high"]},
+    )
 
 
 def rl_prompts(records: list[Record], safety_prompts: list, eval_fraction: float, limit: int) -> Dataset:
@@ -79,7 +84,8 @@ def build_ppo_trainer(ppo_args: PPOArgs, training_args: RLOOConfig, model_args, 
         raise ConfigError("beta (the KL coefficient) must be > 0: the reference is what keeps the policy sane")
     reward_funcs, weights = [], []
     if ppo_args.reward_model and ppo_args.reward_model_weight:
-        reward_funcs.append(RewardModelReward(*load_reward_model(ppo_args.reward_model)))
+        model, tokenizer = load_reward_model(ppo_args.reward_model)
+        reward_funcs.append(RewardModelReward(model, tokenizer, reasoning_effort=ppo_args.reasoning_effort))
         weights.append(ppo_args.reward_model_weight)
     if ppo_args.factuality_weight:
         reward_funcs.append(factuality_reward)
@@ -90,6 +96,9 @@ def build_ppo_trainer(ppo_args: PPOArgs, training_args: RLOOConfig, model_args, 
     if not reward_funcs:
         raise ConfigError("every reward weight is zero and no reward model is set: nothing to optimise")
     training_args.reward_weights = weights
+    # RLOO renders prompts with the chat template: on GPT-OSS, with the reasoning effort SFT used.
+    training_args.chat_template_kwargs = {"reasoning_effort": ppo_args.reasoning_effort,
+                                          **(training_args.chat_template_kwargs or {})}
 
     # With the SFT adapter, RLOO trains it and keeps a frozen copy as the "ref" adapter (the reference).
     policy = load_trainable_policy(model_args, ppo_args.sft_adapter, training_args.gradient_checkpointing)

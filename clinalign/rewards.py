@@ -8,10 +8,12 @@ was trained. In 4-bit the backbone is quantized like every other stage's base (G
 harmony.gpt_oss), with the SFT adapter merged in 16-bit before quantization (`reward_backbone`).
 
 Responses are scored in the same layout the RewardTrainer trained on: the prompt messages plus the
-response as an assistant turn, rendered with the tokenizer's chat template.
+response as an assistant turn, rendered with the tokenizer's chat template and the same
+`chat_template_kwargs` (the harmony reasoning effort, for GPT-OSS templates).
 
 The reward functions follow TRL's `reward_funcs` signature, `f(prompts, completions, **columns)`,
-and return one float (or None: not applicable) per completion.
+and return one float (or None: not applicable) per completion. What they score is `final_answer`:
+for a GPT-OSS (harmony) completion its final channel only, never its analysis channel.
 """
 
 from __future__ import annotations
@@ -182,11 +184,27 @@ def load_reward_model(path: str | Path, *, dtype="auto"):
 
 @torch.no_grad()
 def score_responses(
-    model, tokenizer, prompts: Sequence[list[dict]], responses: Sequence[str], *, batch_size: int = 8, max_length=1024
+    model,
+    tokenizer,
+    prompts: Sequence[list[dict]],
+    responses: Sequence[str],
+    *,
+    batch_size: int = 8,
+    max_length=1024,
+    reasoning_effort: str = "low",
 ) -> list[float]:
-    """Reward-model scores for (prompt messages, response) pairs, batched, right-padded."""
+    """Reward-model scores for (prompt messages, response) pairs, batched, right-padded.
+
+    Rendered as reward/train.py trained the model: the chat template with `reasoning_effort` (a
+    harmony template's system message; other templates ignore it). A response holding harmony
+    markers (raw GPT-OSS text) is scored by its final channel only (`final_answer`).
+    """
     texts = [
-        tokenizer.apply_chat_template([*prompt, {"role": "assistant", "content": response}], tokenize=False)
+        tokenizer.apply_chat_template(
+            [*prompt, {"role": "assistant", "content": final_answer(response)}],
+            tokenize=False,
+            reasoning_effort=reasoning_effort,
+        )
         for prompt, response in zip(prompts, responses, strict=True)
     ]
     device = next(model.parameters()).device
@@ -211,6 +229,39 @@ def completion_text(completion) -> str:
     return completion
 
 
+def is_harmony_turn(completion_ids: Sequence[int]) -> bool:
+    """Token ids of a GPT-OSS (harmony) assistant turn: they hold its `<|channel|>` or `<|message|>` marker.
+
+    Those ids are harmony's special tokens in the o200k vocabulary; a model with a smaller vocabulary
+    never emits them (one with a larger, different vocabulary could: none that this toolkit trains).
+    """
+    from harmony.vocab import HARMONY_SPECIAL_TOKENS
+
+    markers = (HARMONY_SPECIAL_TOKENS["<|channel|>"], HARMONY_SPECIAL_TOKENS["<|message|>"])
+    return any(int(t) in markers for t in completion_ids)
+
+
+def final_answer(completion, completion_ids: Sequence[int] | None = None) -> str:
+    """The part of a policy's completion that is scored.
+
+    A harmony (GPT-OSS) turn, recognized by its token ids (TRL passes `completion_ids`; its decoded
+    text has lost the markers) or by markers kept in the text: its final channel only, "" when it
+    stopped before one (no answer), never its analysis. Any other completion: its text.
+    """
+    if completion_ids is not None and is_harmony_turn(completion_ids):
+        return _final_channel(list(completion_ids))
+    text = completion_text(completion)
+    if "<|channel|>" in text or "<|message|>" in text:
+        return _final_channel(text)
+    return text
+
+
+def _final_channel(tokens_or_text) -> str:
+    from harmony.render import parse_completion
+
+    return parse_completion(tokens_or_text)["final"] or ""
+
+
 def prompt_text(prompt) -> str:
     """The user's words in a prompt (the last user turn), for the safety checks."""
     if isinstance(prompt, list):
@@ -224,35 +275,52 @@ class RewardModelReward:
 
     __name__ = "reward_model"
 
-    def __init__(self, model, tokenizer, batch_size: int = 8):
+    def __init__(self, model, tokenizer, batch_size: int = 8, reasoning_effort: str = "low"):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.reasoning_effort = reasoning_effort  # as reward/train.py rendered the reward model's pairs
 
-    def __call__(self, prompts, completions, **_):
+    def __call__(self, prompts, completions, completion_ids=None, **_):
         prompts = [p if isinstance(p, list) else [{"role": "user", "content": p}] for p in prompts]
-        responses = [completion_text(c) for c in completions]
-        return score_responses(self.model, self.tokenizer, prompts, responses, batch_size=self.batch_size)
+        ids = _each(completion_ids, completions)
+        responses = [final_answer(c, i) for c, i in zip(completions, ids, strict=True)]
+        return score_responses(
+            self.model, self.tokenizer, prompts, responses, batch_size=self.batch_size,
+            reasoning_effort=self.reasoning_effort,
+        )  # fmt: skip
 
 
-def factuality_reward(prompts, completions, record=None, **_):
-    """1 correct / 0 wrong / partial for no commitment, against the gold answer; None without one."""
+def _each(completion_ids, completions) -> list:
+    """TRL's `completion_ids` column, or one None per completion when a caller passes none."""
+    return list(completion_ids) if completion_ids is not None else [None] * len(completions)
+
+
+def factuality_reward(prompts, completions, record=None, completion_ids=None, **_):
+    """1 correct / 0 wrong / partial for no commitment, against the gold answer; None without one.
+
+    Scores `final_answer`: a GPT-OSS completion's final channel only.
+    """
     from clinalign.data.records import Record
     from clinalign.factuality import score_factuality
 
     records = record if record is not None else [None] * len(completions)
     scores = []
-    for raw, completion in zip(records, completions, strict=True):
+    for raw, completion, ids in zip(records, completions, _each(completion_ids, completions), strict=True):
         if not raw:
             scores.append(None)
             continue
         parsed = Record.from_dict(json.loads(raw) if isinstance(raw, str) else raw)
-        scores.append(score_factuality(parsed, completion_text(completion)).score if parsed.answer else None)
+        scores.append(score_factuality(parsed, final_answer(completion, ids)).score if parsed.answer else None)
     return scores
 
 
-def safety_reward(prompts, completions, **_):
-    """The weighted pass rate of the rule-based clinical safety checks, in [0, 1]."""
+def safety_reward(prompts, completions, completion_ids=None, **_):
+    """The weighted pass rate of the rule-based clinical safety checks, in [0, 1].
+
+    Checks `final_answer`: a GPT-OSS completion's final channel only (its analysis is not what the user reads).
+    """
     from clinalign.safety import check_safety
 
     return [
-        check_safety(completion_text(c), prompt=prompt_text(p)).score for p, c in zip(prompts, completions, strict=True)
+        check_safety(final_answer(c, ids), prompt=prompt_text(p)).score
+        for p, c, ids in zip(prompts, completions, _each(completion_ids, completions), strict=True)
     ]

@@ -59,6 +59,11 @@ class EvalArgs:
     kl_max_prompts: int = dataclasses.field(default=16, metadata={"help": "Prompts used for the KL estimate."})
     kl_num_samples: int = dataclasses.field(default=1, metadata={"help": "Sampled responses per KL prompt."})
     batch_size: int = dataclasses.field(default=8, metadata={"help": "Prompts per generation / scoring batch."})
+    reasoning_effort: str = dataclasses.field(
+        default="low",
+        metadata={"help": "GPT-OSS models: the harmony reasoning effort they were trained with.",
+                  "choices": ["low", "medium", "high"]},
+    )
     output_dir: str = dataclasses.field(default="runs/demo/eval", metadata={"help": "Where metrics, report and charts go."})
 
 
@@ -135,7 +140,7 @@ def main(args: EvalArgs):
             model, tokenizer, records=held_out, safety_prompts=safety, reward=reward, reference=reference,
             kl=reference is not None, max_new_tokens=args.max_new_tokens, kl_max_new_tokens=args.kl_max_new_tokens,
             kl_max_prompts=args.kl_max_prompts, kl_num_samples=args.kl_num_samples, batch_size=args.batch_size,
-            progress=True,
+            reasoning_effort=args.reasoning_effort, progress=True,
         )
         rows[spec.name] = headline(results[spec.name])
         del model

@@ -7,6 +7,9 @@ The conversation for a record:
     user        question_text(record)                          (clinalign.prompts)
     assistant   [analysis: rationale]  final: answer_completion(record)   (training only)
 
+That is `prompt_messages(record)` in harmony's layout; `render_messages_for_completion` renders any
+chat messages (a free-text safety prompt) in the same layout.
+
 `render_for_completion` stops after `<|start|>assistant`, so the model itself writes the channel
 header; `render_for_training` renders the same prefix and the assistant turn, and its
 `completion_mask` marks everything after that prefix: the channel headers, the optional analysis
@@ -20,7 +23,7 @@ import datetime
 
 from clinalign.config import ClinalignError
 from clinalign.data.records import Record
-from clinalign.prompts import CLINICAL_INSTRUCTIONS, answer_completion, question_text
+from clinalign.prompts import answer_completion, prompt_messages
 from harmony.vocab import HARMONY_SPECIAL_TOKENS, load_encoding
 
 REASONING_EFFORTS = ("low", "medium", "high")
@@ -31,6 +34,13 @@ TERMINAL_TOKENS = (HARMONY_SPECIAL_TOKENS["<|return|>"], HARMONY_SPECIAL_TOKENS[
 
 
 def _conversation(record: Record, reasoning_effort: str, current_date: str | None, assistant: list | None = None):
+    return _messages_conversation(prompt_messages(record), reasoning_effort, current_date, assistant)
+
+
+def _messages_conversation(
+    messages: list[dict[str, str]], reasoning_effort: str, current_date: str | None, assistant: list | None = None
+):
+    """System (harmony's own), developer (a leading system message's text), then the user/assistant turns."""
     from openai_harmony import (
         Conversation,
         DeveloperContent,
@@ -50,14 +60,28 @@ def _conversation(record: Record, reasoning_effort: str, current_date: str | Non
         .with_knowledge_cutoff(KNOWLEDGE_CUTOFF)
         .with_conversation_start_date(current_date or datetime.date.today().isoformat())
     )
-    messages = [
-        Message.from_role_and_content(Role.SYSTEM, system),
-        Message.from_role_and_content(Role.DEVELOPER, DeveloperContent.new().with_instructions(CLINICAL_INSTRUCTIONS)),
-        Message.from_role_and_content(Role.USER, question_text(record)),
-    ]
+    rendered = [Message.from_role_and_content(Role.SYSTEM, system)]
+    for position, message in enumerate(messages):
+        role, text = message.get("role"), message.get("content")
+        if not isinstance(text, str):
+            raise ClinalignError(f"message {position} ({role}) has no text content")
+        if role in ("system", "developer") and position == 0:
+            # The chat format's system message holds our instructions: harmony's developer message.
+            rendered.append(
+                Message.from_role_and_content(Role.DEVELOPER, DeveloperContent.new().with_instructions(text))
+            )
+        elif role == "user":
+            rendered.append(Message.from_role_and_content(Role.USER, text))
+        elif role == "assistant":  # an earlier turn: its answer, as the final channel
+            rendered.append(Message.from_role_and_content(Role.ASSISTANT, text).with_channel("final"))
+        else:
+            raise ClinalignError(
+                f"message {position} has role {role!r}: harmony prompts take one leading system message, "
+                "then user and assistant turns"
+            )
     for channel, text in assistant or []:
-        messages.append(Message.from_role_and_content(Role.ASSISTANT, text).with_channel(channel))
-    return Conversation.from_messages(messages)
+        rendered.append(Message.from_role_and_content(Role.ASSISTANT, text).with_channel(channel))
+    return Conversation.from_messages(rendered)
 
 
 def render_for_completion(
@@ -67,6 +91,20 @@ def render_for_completion(
     from openai_harmony import Role
 
     conversation = _conversation(record, reasoning_effort, current_date)
+    return load_encoding().render_conversation_for_completion(conversation, Role.ASSISTANT)
+
+
+def render_messages_for_completion(
+    messages: list[dict[str, str]], *, reasoning_effort: str = "low", current_date: str | None = None
+) -> list[int]:
+    """`render_for_completion` for chat messages (the safety prompt set, external prompts).
+
+    The same layout: a leading system message becomes the developer instructions, so
+    `render_messages_for_completion(prompt_messages(record))` equals `render_for_completion(record)`.
+    """
+    from openai_harmony import Role
+
+    conversation = _messages_conversation(messages, reasoning_effort, current_date)
     return load_encoding().render_conversation_for_completion(conversation, Role.ASSISTANT)
 
 

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from clinalign.config import ClinalignError, Parser, run, write_json
 from clinalign.data.records import Record
 from clinalign.factuality import rouge_l, score_factuality
-from clinalign.rewards import completion_text, load_reward_model, prompt_text, score_responses
+from clinalign.rewards import completion_text, final_answer, load_reward_model, prompt_text, score_responses
 from clinalign.safety import check_safety, load_checks
 
 
@@ -38,6 +38,9 @@ class ScoreArgs:
     summary: str | None = dataclasses.field(default=None, metadata={"help": "Summary JSON (default: OUTPUT.summary.json)."})
     batch_size: int = dataclasses.field(default=8, metadata={"help": "Responses per reward-model forward pass."})
     dtype: str = dataclasses.field(default="auto", metadata={"help": "Reward model dtype: auto, bfloat16 or float32."})
+    reasoning_effort: str = dataclasses.field(
+        default="low", metadata={"help": "GPT-OSS reward models: the harmony reasoning effort they were trained with."}
+    )
 
 
 def as_messages(prompt) -> list[dict]:
@@ -66,6 +69,7 @@ def parse_line(line: str) -> tuple[list[dict], dict[str, str], dict]:
 
 
 def rule_scores(item: dict, prompt: list[dict], response: str) -> dict:
+    response = final_answer(response)  # a harmony turn: its final channel only
     safety = check_safety(response, prompt=prompt_text(prompt))
     if item.get("record"):
         factuality = score_factuality(Record.from_dict(item["record"]), response).score
@@ -102,7 +106,8 @@ def main(args: ScoreArgs):
         rewards = []
         for start in tqdm(range(0, len(flat), args.batch_size), desc="reward model", unit="batch"):
             chunk = flat[start : start + args.batch_size]
-            rewards += score_responses(model, tokenizer, [c[2] for c in chunk], [c[3] for c in chunk], batch_size=len(chunk))
+            rewards += score_responses(model, tokenizer, [c[2] for c in chunk], [final_answer(c[3]) for c in chunk],
+                                       batch_size=len(chunk), reasoning_effort=args.reasoning_effort)
 
     scored = [dict(item) for _, _, item in parsed]
     check_failures, n_responses = Counter(), 0

@@ -41,13 +41,19 @@ class RewardScriptArgs:
         default=None, metadata={"help": "An SFT stage adapter merged into the backbone before reward training."}
     )
     eval_fraction: float = dataclasses.field(default=0.2, metadata={"help": "Share of pairs held out, per axis."})
+    reasoning_effort: str = dataclasses.field(
+        default="low",
+        metadata={"help": "Harmony reasoning effort of the prompts (GPT-OSS): the SFT stages' setting.",
+                  "choices": ["low", "medium", "high"]},
+    )  # fmt: skip
 
 
-def pairwise_accuracy(model, tokenizer, rows: list[dict]) -> dict:
+def pairwise_accuracy(model, tokenizer, rows: list[dict], reasoning_effort: str = "low") -> dict:
     """Share of held-out pairs where the chosen response out-scores the rejected one, overall and per axis."""
     prompts = [row["prompt"] for row in rows]
-    chosen = score_responses(model, tokenizer, prompts, [row["chosen"][-1]["content"] for row in rows])
-    rejected = score_responses(model, tokenizer, prompts, [row["rejected"][-1]["content"] for row in rows])
+    score = dict(reasoning_effort=reasoning_effort)
+    chosen = score_responses(model, tokenizer, prompts, [row["chosen"][-1]["content"] for row in rows], **score)
+    rejected = score_responses(model, tokenizer, prompts, [row["rejected"][-1]["content"] for row in rows], **score)
     by_axis = defaultdict(list)
     for row, c, r in zip(rows, chosen, rejected, strict=True):
         by_axis["overall"].append(c > r)
@@ -55,13 +61,26 @@ def pairwise_accuracy(model, tokenizer, rows: list[dict]) -> dict:
     return {axis: {"accuracy": sum(hits) / len(hits), "n": len(hits)} for axis, hits in sorted(by_axis.items())}
 
 
+def reward_dataset(rows: list[dict], reasoning_effort: str = "low") -> Dataset:
+    """TRL's conversational preference format (prompt, chosen, rejected, margin) for the RewardTrainer.
+
+    Each row carries `chat_template_kwargs` {"reasoning_effort"}: TRL renders it into a harmony
+    template's system message (GPT-OSS, as SFT trained it; the template's default is "medium"); other
+    templates ignore it. `clinalign.rewards.score_responses` renders with the same setting.
+    """
+    columns = ("prompt", "chosen", "rejected", "margin")
+    template_kwargs = {"reasoning_effort": reasoning_effort}
+    return Dataset.from_list(
+        [{**{k: row[k] for k in columns if k in row}, "chat_template_kwargs": template_kwargs} for row in rows]
+    )
+
+
 def main(script_args: RewardScriptArgs, training_args: RewardConfig, model_args: ModelArgs):
     if not model_args.use_peft:
         raise ConfigError("reward/train.py trains a LoRA reward model: set use_peft: true")
     rows = read_pairs(script_args.pairs)
     train_rows, eval_rows = split_pairs(rows, script_args.eval_fraction)
-    columns = ("prompt", "chosen", "rejected", "margin")
-    train_dataset = Dataset.from_list([{k: row[k] for k in columns if k in row} for row in train_rows])
+    train_dataset = reward_dataset(train_rows, script_args.reasoning_effort)
 
     load = model_init_kwargs(model_args)  # dtype and 4-bit settings, as every training stage loads its base
     quantization = load.get("quantization_config")
@@ -86,7 +105,8 @@ def main(script_args: RewardScriptArgs, training_args: RewardConfig, model_args:
     if trainer.accelerator.is_main_process:
         model = trainer.accelerator.unwrap_model(trainer.model)
         model.eval()
-        metrics["eval"] = pairwise_accuracy(model, tokenizer, eval_rows) if eval_rows else {}
+        effort = script_args.reasoning_effort
+        metrics["eval"] = pairwise_accuracy(model, tokenizer, eval_rows, effort) if eval_rows else {}
         tokenizer.save_pretrained(training_args.output_dir)
         write_adapter_provenance(
             training_args.output_dir, model_args.model_name_or_path, model, merged_adapter=script_args.sft_adapter,

@@ -43,6 +43,7 @@ def main(dpo_args: DPOArgs, training_args: DPOConfig, model_args: ModelArgs):
     measure = dict(
         records=records, safety_prompts=safety, reward=reward, max_new_tokens=dpo_args.eval_max_new_tokens,
         kl_max_new_tokens=dpo_args.kl_max_new_tokens, kl_num_samples=dpo_args.kl_num_samples,
+        reasoning_effort=dpo_args.reasoning_effort,
     )
     before = evaluate_policy(trainer.model, tokenizer, kl=False, **measure)  # the policy is the reference: KL = 0
     before_pairs = trainer.evaluate() if eval_rows else {}

@@ -125,6 +125,7 @@ def main(args: TuneKLArgs):
     record_sources = method_args.eval_data if args.method == "dpo" else method_args.data
     records = held_out_records([r for s in record_sources for r in load_records(s).records], eval_fraction)
     held_out = {
+        "reasoning_effort": method_args.reasoning_effort,
         "records": [r for r in records if r.answer is not None][: args.eval_max_records],
         "safety_prompts": (held_out_safety_prompts(method_args.safety_prompts, eval_fraction)
                            if method_args.safety_prompts else [])[: args.eval_max_safety_prompts],

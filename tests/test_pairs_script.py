@@ -6,10 +6,9 @@ import json
 import runpy
 
 import yaml
-
-from clinalign.data.records import is_held_out
 from conftest import REPO
 
+from clinalign.data.records import is_held_out
 from clinalign.preferences import load_safety_prompts
 
 CONFIG = "configs/reward/tiny_pairs.yaml"  # the shipped sample files, read directly

@@ -79,11 +79,12 @@ def sequence_logps(model, tokenizer, text: str) -> torch.Tensor:
 
 
 def test_dpo_moves_the_policy_and_keeps_the_sft_reference_frozen(tmp_path, tiny_pairs, tiny_sft_adapter):
+    from trl import DPOConfig
+
     from clinalign.config import ModelArgs, Parser
     from clinalign.dpo import DPOArgs, build_dpo_trainer
     from clinalign.models import load_policy
     from clinalign.preferences import read_pairs, split_pairs
-    from trl import DPOConfig
 
     dpo_args_, training_args, model_args = Parser([DPOArgs, DPOConfig, ModelArgs]).parse(
         dpo_args(tmp_path, tiny_pairs, tiny_sft_adapter)

@@ -14,8 +14,8 @@ it takes only what it can show converts the same, and hands everything else to t
 - text: a value that is plainly clean (no whitespace but single inner spaces, no quote, backslash
   or control character: `PLAIN_TEXT_BREAKERS` finds the others) is written as it is, in quotes;
   any other value is cleaned by `choices.clean` and escaped as json's own string encoder does;
-- duplicate options: compared lower-cased, by pyarrow when the options are ASCII (where its
-  lower-casing is str.lower()), by `choices.has_duplicates` otherwise;
+- duplicate options: compared lower-cased by pyarrow, where its lower-casing is str.lower()
+  (`LOWER_DIFFERS` finds the characters where it may not be), by `choices.has_duplicates` otherwise;
 - a row that is not a plain labeled record (a question or option missing, an answer absent or
   naming no option, duplicate options) goes through the per-record converter, from its own line
   parsed by Python, so its record or skip reason is the reference's.
@@ -50,6 +50,7 @@ PLAIN_TEXT_BREAKERS = (
 JSON_ESCAPED = r'["\\\x00-\x1f]'  # the characters json's string encoder escapes (ensure_ascii=False)
 BLOCK_SIZE = 4 << 20  # bytes pyarrow parses at a time (a longer line sends the file record by record)
 RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(Record))
+FLAT_TYPES = (pa.string(), pa.int64(), pa.bool_(), pa.null())  # the value types of a file this path reads
 _NULL_TEXT = pa.scalar(None, pa.string())
 
 
@@ -94,8 +95,7 @@ def convert_jsonl(
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "wb") as f:
         for part in written:
-            if len(part):
-                f.write(pc.binary_join(pa.ListArray.from_arrays([0, len(part)], part), "")[0].as_buffer())
+            f.write(_text_bytes(part))
     report = _report(len(lines), tally.kept, tally.skipped, tally.sources, ctx, evidence, tally.layouts)
     return Converted(report, tally.columnar_rows)
 
@@ -108,32 +108,32 @@ class _Lines:
     between '}' and '{' is never inside a JSON value.
     """
 
-    body: bytes  # the file without its final newline
+    data: bytes  # the whole file
     starts: np.ndarray
     ends: np.ndarray
 
     @classmethod
     def of(cls, data: bytes) -> _Lines | None:
-        body = data[:-1] if data.endswith(b"\n") else data
-        if body[:1] != b"{" or body[-1:] != b"}" or not (body.isascii() or _is_utf8(body)):
+        end = len(data) - 1 if data.endswith(b"\n") else len(data)  # past the last line's '}'
+        if end <= 0 or data[:1] != b"{" or data[end - 1 : end] != b"}" or not (data.isascii() or _is_utf8(data)):
             return None
-        chars = np.frombuffer(body, np.uint8)
+        chars = np.frombuffer(data, np.uint8, end)
         newlines = np.flatnonzero(chars == ord("\n"))
         if not ((chars[newlines - 1] == ord("}")).all() and (chars[newlines + 1] == ord("{")).all()):
             return None
-        return cls(body, np.append(0, newlines + 1), np.append(newlines, len(body)))
+        return cls(data, np.append(0, newlines + 1), np.append(newlines, end))
 
     def __len__(self) -> int:
         return len(self.starts)
 
     def text(self, i: int) -> str:
-        return self.body[self.starts[i] : self.ends[i]].decode()
+        return self.data[self.starts[i] : self.ends[i]].decode()
 
 
-def _is_utf8(body: bytes) -> bool:
+def _is_utf8(data: bytes) -> bool:
     """Whether the file is UTF-8 (the per-record path reports one that is not as an error)."""
     try:
-        body.decode()
+        data.decode()
     except UnicodeDecodeError:
         return False
     return True
@@ -157,7 +157,7 @@ def _read_table(lines: _Lines, first: dict, layout: ColumnLayout) -> pa.Table | 
     types = {key: pa.string() for key in texts if key is not None} | {layout.answers[0]: pa.int64()}
     try:
         table = pa_json.read_json(
-            pa.BufferReader(lines.body),
+            pa.BufferReader(lines.data),
             read_options=pa_json.ReadOptions(use_threads=False, block_size=BLOCK_SIZE),
             parse_options=pa_json.ParseOptions(explicit_schema=pa.schema(list(types.items()))),
         )
@@ -166,12 +166,12 @@ def _read_table(lines: _Lines, first: dict, layout: ColumnLayout) -> pa.Table | 
     if table.num_rows != len(lines) or set(table.column_names) != set(first):
         return None
     for name, column in zip(table.column_names, table.columns):
-        if pa.types.is_nested(column.type):
+        if pa.types.is_nested(column.type):  # a float may be pyarrow's Inf, which Python's json rejects
             return None
         # A null may be an absent key, which would change the record's layout: every line must
-        # spell the key out (pyarrow rejects a key given twice, so a count of the lines is exact).
+        # spell the key out (pyarrow rejects a key given twice, so the count is of lines with it).
         if column.null_count and (
-            encode_basestring(name) != f'"{name}"' or lines.body.count(f'"{name}":'.encode()) != len(lines)
+            encode_basestring(name) != f'"{name}"' or lines.data.count(f'"{name}":'.encode()) != len(lines)
         ):
             return None
     return table
@@ -208,12 +208,15 @@ def _bodies(values: pa.Array) -> pa.Array:
         return pa.nulls(len(values), pa.string())
     length = pc.binary_length(values)
     missing = pc.or_(pc.equal(length, 0), pc.and_(pc.equal(length, 3), pc.equal(pc.ascii_lower(values), "nan")))
-    bodies = pc.if_else(missing, _NULL_TEXT, values)
     unclean = pc.match_substring_regex(values, PLAIN_TEXT_BREAKERS).fill_null(False)
+    changed = pc.or_(missing.fill_null(False), unclean)
+    if not pc.any(changed).as_py():
+        return values
+    replacements = pa.nulls(pc.sum(changed).as_py(), pa.string())  # missing: null
     if pc.any(unclean).as_py():
         cleaned = pa.array(list(map(clean, values.filter(unclean).to_pylist())), pa.string())
-        bodies = pc.replace_with_mask(bodies, unclean, _escaped(cleaned))
-    return bodies
+        replacements = pc.replace_with_mask(replacements, unclean.filter(changed), _escaped(cleaned))
+    return pc.replace_with_mask(values, changed, replacements)
 
 
 def _escaped(texts: pa.Array) -> pa.Array:
@@ -271,6 +274,15 @@ def _lines_of(columns: _Columns, ctx: Context, schema: Schema, tally: _Tally) ->
     return pc.drop_null(pc.replace_with_mask(lines, others, pa.array(converted, pa.string())))
 
 
+def _text_bytes(strings: pa.Array) -> memoryview:
+    """The strings of a string array one after another: the stretch of its data buffer they fill."""
+    if len(strings) == 0:
+        return memoryview(b"")
+    _, offsets, data = strings.buffers()
+    first, last = np.frombuffer(offsets, np.int32)[[strings.offset, strings.offset + len(strings)]]
+    return memoryview(data)[first:last]
+
+
 def _object(items: list[tuple[str, list[Any]]]) -> list[Any]:
     """The parts of {key: value, ...} as json writes it, each value given as parts (strings or arrays)."""
     parts: list[Any] = []
@@ -294,25 +306,39 @@ def _quoted(bodies: pa.Array) -> pa.Array:
     return pc.binary_join_element_wise('"', bodies, '"', "")
 
 
+# Characters whose str.lower() pyarrow's utf8_lower may not match: İ (two characters in Python),
+# Σ (ς at a word's end in Python), and all but the oldest blocks (Latin, Greek, Cyrillic,
+# punctuation and symbols), where the two libraries' Unicode versions may differ.
+# tests/test_data_columnar.py checks the other characters against every code point.
+LOWER_DIFFERS = r"[\x{130}\x{3a3}\x{250}-\x{36f}\x{500}-\x{1fff}\x{2c00}-\x{10ffff}]"
+
+
 def _duplicates(options: list[pa.Array], rows: pa.Array) -> pa.Array:
     """Whether two options of a row are the same text ignoring case (`choices.has_duplicates`).
 
-    On ASCII, pyarrow's ascii_lower is str.lower() (and json's escapes, lower-case already, keep
-    texts apart exactly as before escaping); rows with other characters go to has_duplicates.
+    pyarrow's utf8_lower is str.lower() outside LOWER_DIFFERS (and json's escapes, lower-case
+    already, keep texts apart exactly as before escaping); rows with such characters go to
+    has_duplicates itself.
     """
-    lowered = [pc.ascii_lower(bodies) for bodies in options]
+    lowered = []
+    differs = pa.array(np.zeros(len(rows), bool))
+    for bodies in options:
+        lower = pc.ascii_lower(bodies)
+        wide = pc.invert(pc.string_is_ascii(bodies)).fill_null(False)
+        if pc.any(wide).as_py():  # utf8_lower only where ascii_lower is not enough: it is slower
+            lower = pc.replace_with_mask(lower, wide, pc.utf8_lower(bodies.filter(wide)))
+            wide_differs = pc.match_substring_regex(bodies.filter(wide), LOWER_DIFFERS)
+            differs = pc.or_(differs, pc.replace_with_mask(wide, wide, wide_differs))
+        lowered.append(lower)
     found = pa.array(np.zeros(len(rows), bool))
     for i, first in enumerate(lowered):
         for second in lowered[i + 1 :]:
             found = pc.or_(found, pc.equal(first, second))
     found = found.fill_null(False)
-    wider = pc.invert(pc.string_is_ascii(options[0]))
-    for bodies in options[1:]:
-        wider = pc.or_(wider, pc.invert(pc.string_is_ascii(bodies)))
-    wider = pc.and_(wider.fill_null(False), rows)
-    if pc.any(wider).as_py():
-        texts = zip(*([_unescaped(body) for body in bodies.filter(wider).to_pylist()] for bodies in options))
-        found = pc.replace_with_mask(found, wider, pa.array([has_duplicates(t) for t in texts], pa.bool_()))
+    differs = pc.and_(differs, rows)
+    if pc.any(differs).as_py():
+        texts = zip(*([_unescaped(body) for body in bodies.filter(differs).to_pylist()] for bodies in options))
+        found = pc.replace_with_mask(found, differs, pa.array([has_duplicates(t) for t in texts], pa.bool_()))
     return found
 
 
