@@ -183,7 +183,11 @@ def main() -> None:
             )
         for name in chosen[1:]:
             ours, theirs = Path(tmp) / "clinalign.jsonl", Path(tmp) / f"{name}.jsonl"
-            agree = "identical" if ours.read_bytes() == theirs.read_bytes() else f"same records: {same_output(ours, theirs)}"
+            agree = (
+                "identical"
+                if ours.read_bytes() == theirs.read_bytes()
+                else f"same records: {same_output(ours, theirs)}"
+            )
             print(f"clinalign vs {name}: {best[name] / best['clinalign']:.1f}x faster; output {agree}")
         rate = args.rows / best["clinalign"]
         verdict = "meets" if rate >= 100_000 else "misses"

@@ -495,6 +495,7 @@ def test_canonical_instruction_and_chat_outputs_read_back(tmp_path):
         ]
     canonical = load_records(str(tmp_path / "canonical.jsonl")).records
     assert canonical == records  # every field, source and meta included
+    assert any(len(r.meta.get("contexts", [])) >= 2 for r in canonical)  # PubMedQA's sections, still a list
     first = json.loads((tmp_path / "instruction.jsonl").read_text().splitlines()[0])
     assert first["output"] == f"{records[0].answer}. {records[0].answer_text}" and first["input"] == ""
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from clinalign.data.records import DECISIONS, LETTERS, Record
 
+MISSING_TEXT = "nan"  # a text that means missing, in any case (pandas' NaN written out)
 # Answer keys whose digit strings are indexes ("0".."3"), not option texts.
 INDEX_KEYS = frozenset({"cop", "label", "answer_index", "correct_index"})
 _LETTER_RUNS = [list(LETTERS[:n]) for n in range(len(LETTERS) + 1)]
@@ -113,7 +114,7 @@ def clean(value: Any) -> str | None:
             text = " ".join(str(value).split())
         except ValueError:  # an int too long to print (Python's int-to-str digit limit)
             return None
-    if not text or (len(text) == 3 and text.lower() == "nan"):
+    if not text or (len(text) == 3 and text.lower() == MISSING_TEXT):
         return None
     return text
 
@@ -374,7 +375,6 @@ def decision_of(value: Any) -> str | None:
 def has_duplicates(texts: Collection[str]) -> bool:
     """Whether two option texts are the same, ignoring case (as `Record.problems()` compares them)."""
     return len(set(map(str.lower, texts))) != len(texts)
-
 
 
 def mcq_record(

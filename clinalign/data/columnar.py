@@ -36,7 +36,7 @@ import pyarrow.compute as pc
 import pyarrow.json as pa_json
 
 from clinalign.data import SAMPLE_SIZE, _convert_one, _file_context, _index_keys, _json_encoder, _report, _schema_for
-from clinalign.data.choices import Context, Schema, clean, has_duplicates, record_id
+from clinalign.data.choices import MISSING_TEXT, Context, Schema, clean, has_duplicates, record_id
 from clinalign.data.medmcqa import ColumnLayout, decide_index_base
 from clinalign.data.records import LETTERS, Record
 from clinalign.data.sources import parse_row
@@ -166,7 +166,7 @@ def _read_table(lines: _Lines, first: dict, layout: ColumnLayout) -> pa.Table | 
     if table.num_rows != len(lines) or set(table.column_names) != set(first):
         return None
     for name, column in zip(table.column_names, table.columns):
-        if pa.types.is_nested(column.type):  # a float may be pyarrow's Inf, which Python's json rejects
+        if column.type not in FLAT_TYPES:  # a float may be pyarrow's Inf, which Python's json rejects
             return None
         # A null may be an absent key, which would change the record's layout: every line must
         # spell the key out (pyarrow rejects a key given twice, so the count is of lines with it).
@@ -206,8 +206,13 @@ def _bodies(values: pa.Array) -> pa.Array:
     """Each value's `clean` text as json writes it, without the quotes; null where `clean` gives None."""
     if values.type == pa.null():
         return pa.nulls(len(values), pa.string())
+    # clean()'s missing texts: empty, or "nan" in any case (ASCII, and no other character lower-cases
+    # to its letters, so byte length and ascii_lower say it).
     length = pc.binary_length(values)
-    missing = pc.or_(pc.equal(length, 0), pc.and_(pc.equal(length, 3), pc.equal(pc.ascii_lower(values), "nan")))
+    missing = pc.or_(
+        pc.equal(length, 0),
+        pc.and_(pc.equal(length, len(MISSING_TEXT)), pc.equal(pc.ascii_lower(values), MISSING_TEXT)),
+    )
     unclean = pc.match_substring_regex(values, PLAIN_TEXT_BREAKERS).fill_null(False)
     changed = pc.or_(missing.fill_null(False), unclean)
     if not pc.any(changed).as_py():

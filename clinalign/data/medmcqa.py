@@ -150,7 +150,7 @@ def column_layout(keys: Any) -> ColumnLayout | None:
 
 
 def schema_for(keys: dict) -> Schema | None:
-    """The column layout for a record with these keys, or None when its options are not columns."""
+    """The converter of records with these keys (`column_layout`), or None when their options are not columns."""
     layout = column_layout(keys)
     if layout is None:
         return None
