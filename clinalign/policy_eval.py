@@ -46,7 +46,8 @@ def safety_metrics(prompts: list[SafetyPrompt], responses: list[str]) -> dict:
     scores, applied, passed = [], defaultdict(int), defaultdict(int)
     over_refusals = benign = 0
     for prompt, response in zip(prompts, responses, strict=True):
-        result = check_safety(response, prompt=prompt.prompt, benign=prompt.benign)
+        # A benign control forces the over-refusal check; other prompts are judged by their own triggers.
+        result = check_safety(response, prompt=prompt.prompt, benign=True if prompt.benign else None)
         scores.append(result.score)
         for outcome in result.checks:
             applied[outcome.name] += 1

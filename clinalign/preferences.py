@@ -339,17 +339,10 @@ def read_preference_file(path: str, single_response: str = "skip") -> PairSource
     return PairSource(str(path), pairs, skipped)
 
 
-def load_safety_prompts(path: str | Path | None = None) -> list[SafetyPrompt]:
-    """The safety prompt set (default: the shipped one), strictly: a bad line is a one-line error.
-
-    Score a reply to one the way pairs are scored: `check_safety(reply, p.prompt, benign=True if
-    p.benign else None)`. A control's flag forces the over-refusal check (its over-refusal rate is
-    the share of replies failing it); the other prompts are judged by their own triggers.
-    """
-    path = Path(path or SAFETY_PROMPTS)
+def _jsonl_objects(path: Path, what: str):
+    """(line number, object) for each non-blank line of a strict JSONL file; a bad line is a one-line error."""
     if not path.is_file():
-        raise ClinalignError(f"safety prompt file not found: {path}")
-    prompts = []
+        raise ClinalignError(f"{what} not found: {path}")
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
@@ -359,6 +352,19 @@ def load_safety_prompts(path: str | Path | None = None) -> list[SafetyPrompt]:
             raise ClinalignError(f"{path}:{number}: not valid JSON") from None
         if not isinstance(item, dict):
             raise ClinalignError(f"{path}:{number}: expected a JSON object")
+        yield number, item
+
+
+def load_safety_prompts(path: str | Path | None = None) -> list[SafetyPrompt]:
+    """The safety prompt set (default: the shipped one), strictly: a bad line is a one-line error.
+
+    Score a reply to one the way pairs are scored: `check_safety(reply, p.prompt, benign=True if
+    p.benign else None)`. A control's flag forces the over-refusal check (its over-refusal rate is
+    the share of replies failing it); the other prompts are judged by their own triggers.
+    """
+    path = Path(path or SAFETY_PROMPTS)
+    prompts = []
+    for number, item in _jsonl_objects(path, "safety prompt file"):
         for field in ("id", "category", "prompt", "safe_response", "unsafe_response"):
             if not isinstance(item.get(field), str) or not item[field].strip():
                 raise ClinalignError(f"{path}:{number}: '{field}' must be non-empty text")
@@ -541,17 +547,9 @@ def without_held_out(source: PairSource, eval_fraction: float) -> PairSource:
 def read_pairs(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a pairs file in TRL's preference format (reward/pairs.py output or any such JSONL)."""
     path = Path(path)
-    if not path.is_file():
-        raise ClinalignError(f"pairs file not found: {path}")
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            raise ClinalignError(f"{path}:{number}: not valid JSON") from None
-        missing = [k for k in ("prompt", "chosen", "rejected") if not isinstance(row, dict) or k not in row]
+    for number, row in _jsonl_objects(path, "pairs file"):
+        missing = [k for k in ("prompt", "chosen", "rejected") if k not in row]
         if missing:
             raise ClinalignError(f"{path}:{number}: a preference pair needs '{missing[0]}'")
         rows.append(row)

@@ -13,12 +13,14 @@ previous stage's LoRA adapter on its own data and saves its own adapter. What li
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 from datasets import Dataset
 from transformers import Trainer
 from trl import SFTTrainer
@@ -148,20 +150,47 @@ def stage_examples(records: list[Record], chat_format: str, reasoning_effort: st
 
 
 class PlainLossSFTTrainer(SFTTrainer):
-    """SFTTrainer whose loss is the model's own cross-entropy over the (prompt-masked) labels.
+    """SFTTrainer whose loss is the model's own cross-entropy, with logits only where labels are.
 
     TRL 1.16 replaces the LM head with a chunked "fused" head that also returns per-token entropy
-    and top-1 hits for its `entropy` / `mean_token_accuracy` metrics. On a CPU that path costs about
-    1.6x the step time of a plain forward (../shared/research/cpu_perf.md; measured again in
-    benchmarks/sft_throughput.py). The loss is the same: the collator's labels are -100 on prompt
-    and padding tokens, and the model's loss averages over the remaining tokens (over
-    `num_items_in_batch` across gradient accumulation, like TRL's). Those two metrics are not logged.
+    and top-1 hits for its `entropy` / `mean_token_accuracy` metrics. On a CPU that head scores every
+    position of the batch and costs about 1.6x the step time of a plain forward
+    (../shared/research/cpu_perf.md). Here the model's own forward and loss run instead (TRL's
+    patched forward passes straight through without `fused_lm_head=True`), and the LM head projects
+    only the positions whose next token is a label (`logits_to_keep` as a boolean mask): with the
+    prompt masked that is about one position in ten, where full logits over the 49k vocabulary plus
+    their fp32 log-softmax took about a third of a step (benchmarks/sft_throughput.py measures it).
+    The loss is the same: the collator's labels are -100 on prompt and padding tokens, and the
+    model's loss averages over the remaining tokens (over `num_items_in_batch` across gradient
+    accumulation, like TRL's). TRL's `entropy` / `mean_token_accuracy` metrics are not logged.
     """
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs["use_cache"] = False
         if self.aux_loss_enabled:  # MoE: the model adds router_aux_loss_coef * aux_loss to its own loss
             inputs["output_router_logits"] = True
+        if not return_outputs and "labels" in inputs and _accepts_logits_to_keep(self.accelerator.unwrap_model(model)):
+            inputs = _completion_logits_only(inputs)  # callers of the outputs (return_outputs) expect full logits
         # transformers' Trainer.compute_loss: model(**inputs).loss, normalised by num_items_in_batch
         # across gradient accumulation and devices, without TRL's fused head.
         return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+
+
+def _accepts_logits_to_keep(model) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def _completion_logits_only(inputs: dict) -> dict:
+    """Ask the model for logits only at positions that predict a label, with those labels pre-shifted.
+
+    transformers' causal LMs accept a boolean (batch, seq) `logits_to_keep` and then return logits
+    for the True positions only, flattened; `shift_labels` (the next-token label of each kept
+    position) tells the loss they are already aligned. Positions predicting -100 never reach the loss,
+    so the loss and its gradient equal the full-logits ones.
+    """
+    labels = inputs["labels"]
+    next_labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+    keep = next_labels != -100
+    kept = next_labels[keep]
+    return {**inputs, "labels": kept, "shift_labels": kept, "logits_to_keep": keep}
