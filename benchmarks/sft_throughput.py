@@ -1,6 +1,7 @@
 """SFT training throughput: the original recipe vs sft/run.py's training path, side by side.
 
-    python benchmarks/sft_throughput.py [--quick] [--rounds 3] [--out results.json] [-- SFT_OVERRIDES...]
+    python benchmarks/sft_throughput.py [--quick] [--rounds 3] [--out results.json]
+        [--threads N] [--variant NAME 'SFT_OVERRIDES' ...] [-- SFT_OVERRIDES...]
 
 One process, the embedded default model (SmolLM2-135M-Instruct) and the same records: an equal mix
 of PubMedQA, MedMCQA and MedQA from clinalign/sample_data (the train side of sft/run.py's
@@ -13,30 +14,33 @@ deterministic split, PER_SOURCE records of each, interleaved), rendered in the o
 (b) sft/run.py's training path with its defaults: the demo config (configs/sft/smollm2_lora.yaml),
     parsed by sft/run.py's own parser (device defaults included), the model loaded and wrapped as
     sft/run.py does, `stage_examples` + `PlainLossSFTTrainer`. Arguments after `--` are passed to
-    that parser, to measure a variant (e.g. `-- --padding_free true --max_length null`). Checkpoint
-    saving is switched off in both (it is I/O, not training).
+    that parser; `--variant NAME 'OVERRIDES'` measures another setting of (b) in the same run, e.g.
+    `--variant padding_free '--padding_free true --max_length null'` or
+    `--variant bfd '--packing true --packing_strategy bfd'`. Checkpoint saving is off (it is I/O).
 
-Each recipe trains one epoch over the same records, so both see exactly the same examples (in
-their own order: (a) shuffled, (b) as its sampler orders them). Measured per recipe:
+Each recipe trains one epoch over the same records, so all see exactly the same examples (in their
+own order: (a) shuffled, (b) as its sampler orders them). Measured per recipe:
 
 - seconds per optimizer step: the interval between consecutive `on_step_end` callbacks (data
   collation, forward, backward, optimizer and logging included), warm-up steps excluded; median,
-  with min and max;
+  with min and max. "CPU use" is process CPU time / (wall time x threads) over the same steps:
+  well under 100% means other processes had the cores (the machine is shared: trust ratios from
+  one run, with the recipes alternating over --rounds, more than absolute figures);
 - non-pad tokens per second: the attention-mask ones of the batches the collator actually fed
   (every position of a padding-free row is a real token), per timed step divided by its time;
   median over the timed steps; plus the pad share of all positions fed;
 - peak memory: the process's resident-set high-water mark (VmHWM of /proc/self/status, reset
-  through /proc/self/clear_refs after loading the model and before training), and its rise over
-  the RSS at the start of training;
+  through /proc/self/clear_refs after loading the model, before training), and its rise during
+  training over the RSS at the start;
 - quality, "no worse": the mean negative log-likelihood of the completion tokens (the answer turn)
   of a fixed held-out set (the held-out side of the same split, equal per source, never trained
-  on), after each recipe has seen the same examples, each model evaluated as trained (its own
-  weight dtype, no autocast). The recipes' own training losses are not comparable: (a) averages
-  over prompt and system tokens too. (b) is "no worse" when its held-out loss is at most (a)'s.
-  The base model's held-out loss (fp32 and in (b)'s dtype) is printed for reference.
+  on) after each recipe has seen the same examples, each model evaluated as trained (its own weight
+  dtype, no autocast), by the same evaluator. The recipes' own training losses are not comparable:
+  (a) averages over prompt and system tokens too. (b) is "no worse" when its held-out loss is at
+  most (a)'s. The base model's held-out loss (fp32 and bf16) is printed for reference.
 
---rounds R repeats the pair (alternating which runs first) and reports the median and spread of
-the (b)/(a) ratio of non-pad tokens per second. Target: at least 5x on a 2-core CPU.
+--rounds R repeats the comparison (alternating the order) and reports the median and spread of the
+(b)/(a) ratio of non-pad tokens per second. Target: at least 5x on a 2-core CPU.
 """
 
 from __future__ import annotations
@@ -46,7 +50,9 @@ import ctypes
 import dataclasses
 import gc
 import json
+import os
 import runpy
+import shlex
 import statistics
 import sys
 import tempfile
@@ -120,15 +126,17 @@ class StepClock(TrainerCallback):
 
     def __init__(self):
         self.times: list[float] = []
-        self._last = None
+        self.cpu_times: list[float] = []  # process CPU seconds (all threads) in the same intervals
+        self._last = self._last_cpu = None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self._last = time.perf_counter()
+        self._last, self._last_cpu = time.perf_counter(), time.process_time()
 
     def on_step_end(self, args, state, control, **kwargs):
-        now = time.perf_counter()
+        now, cpu = time.perf_counter(), time.process_time()
         self.times.append(now - self._last)
-        self._last = now
+        self.cpu_times.append(cpu - self._last_cpu)
+        self._last, self._last_cpu = now, cpu
 
 
 def _status_kib(field: str) -> int:
@@ -216,6 +224,8 @@ def train_and_measure(trainer, warmup_steps: int) -> dict:
         "nonpad_tokens_per_s_min": min(rates),
         "nonpad_tokens_per_s_max": max(rates),
         "nonpad_tokens_per_s_overall": sum(real[k] for k in timed) / sum(times),
+        # CPU seconds / (wall seconds x threads): well below 100% means other processes took the cores
+        "cpu_utilisation": sum(clock.cpu_times[k] for k in timed) / sum(times) / torch.get_num_threads(),
         "nonpad_tokens_per_step_median": statistics.median(real[k] for k in timed),
         "pad_share": 1 - sum(real[k] for k in timed) / sum(positions[k] for k in timed),
         "examples_seen": len(trainer.train_dataset),
@@ -311,7 +321,9 @@ def run_recipe(name: str, build, tokenizer, held_out, warmup_steps: int) -> dict
     with tempfile.TemporaryDirectory() as out:
         trainer = build(out)
         print(f"[bench] {name}: training on {len(trainer.train_dataset)} examples", flush=True)
+        load_before = os.getloadavg()[0]
         figures = train_and_measure(trainer, warmup_steps)
+        figures["load_average_1min"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
         figures["heldout_completion_loss"] = heldout_completion_loss(trainer.model, tokenizer, held_out)
         print(f"[bench] {name}: {json.dumps(figures)}", flush=True)
     del trainer
@@ -319,56 +331,63 @@ def run_recipe(name: str, build, tokenizer, held_out, warmup_steps: int) -> dict
     return figures
 
 
-def report(rounds: list[dict], base: dict, b_settings: dict, method: str) -> dict:
-    ratios = [r["b"]["nonpad_tokens_per_s_median"] / r["a"]["nonpad_tokens_per_s_median"] for r in rounds]
-    first = rounds[0]
+def _row(label: str, f: dict) -> str:
+    return (
+        f"| {label} | {f['s_per_step_median']:.2f} [{f['s_per_step_min']:.2f}-{f['s_per_step_max']:.2f}] "
+        f"| {f['nonpad_tokens_per_s_median']:.0f} [{f['nonpad_tokens_per_s_min']:.0f}-{f['nonpad_tokens_per_s_max']:.0f}] "
+        f"| {f['cpu_utilisation']:.0%} | {f['pad_share']:.1%} | {f['peak_rss_mib']:.0f} ({f['rss_rise_mib']:+.0f}) "
+        f"| {f['train_loss_first']:.3f} -> {f['train_loss_last']:.3f} | {f['heldout_completion_loss']:.4f} |"
+    )
+
+
+def report(rounds: list[dict], base: dict, settings: dict) -> dict:
+    """Print the side-by-side table and the (b)/(a) ratios; return the summary."""
+    names = [k for k in rounds[0] if k != "a"]
+    ratios = {k: [r[k]["nonpad_tokens_per_s_median"] / r["a"]["nonpad_tokens_per_s_median"] for r in rounds] for k in names}
     lines = [
         "",
-        f"records: {first['a']['examples_seen']} train (equal mix), held-out {base['heldout_records']}",
-        f"(b) settings: {json.dumps(b_settings)}",
+        f"records: {rounds[0]['a']['examples_seen']} train (equal mix of PubMedQA, MedMCQA, MedQA), "
+        f"{base['heldout_records']} held out; torch threads {torch.get_num_threads()}",
+        *(f"{k} settings: {json.dumps(v)}" for k, v in settings.items()),
         "",
-        "| recipe | s/step (median [min-max]) | non-pad tok/s (median [min-max]) | pad share | peak RSS MiB (rise) "
-        "| train loss first->last | held-out completion loss |",
-        "|---|---|---|---|---|---|---|",
+        "| recipe, round | s/step median [min-max] | non-pad tok/s median [min-max] | CPU use | pad share "
+        "| peak RSS MiB (rise in training) | train loss first -> last | held-out completion loss |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for key, label in (("a", "(a) original"), ("b", "(b) sft/run.py")):
-        for i, r in enumerate(rounds):
-            f = r[key]
-            lines.append(
-                f"| {label} #{i + 1} | {f['s_per_step_median']:.2f} [{f['s_per_step_min']:.2f}-{f['s_per_step_max']:.2f}] "
-                f"| {f['nonpad_tokens_per_s_median']:.0f} [{f['nonpad_tokens_per_s_min']:.0f}-{f['nonpad_tokens_per_s_max']:.0f}] "
-                f"| {f['pad_share']:.1%} | {f['peak_rss_mib']:.0f} ({f['rss_rise_mib']:+.0f}) "
-                f"| {f['train_loss_first']:.3f}->{f['train_loss_last']:.3f} | {f['heldout_completion_loss']:.4f} |"
-            )
-    loss_a, loss_b = first["a"]["heldout_completion_loss"], first["b"]["heldout_completion_loss"]
-    summary = {
-        "ratio_nonpad_tokens_per_s_median": statistics.median(ratios),
-        "ratio_min": min(ratios),
-        "ratio_max": max(ratios),
-        "ratios": ratios,
-        "heldout_loss_base_fp32": base["fp32"],
-        "heldout_loss_base_b_dtype": base["b_dtype"],
-        "heldout_loss_a": loss_a,
-        "heldout_loss_b": loss_b,
-        "b_no_worse": loss_b <= loss_a,
-        "target_5x_met": statistics.median(ratios) >= 5,
-    }
+    for key in ["a", *names]:
+        lines += [_row(f"{key} #{i + 1}", r[key]) for i, r in enumerate(rounds)]
+    loss_a = rounds[0]["a"]["heldout_completion_loss"]
+    summary = {"heldout_loss_base_fp32": base["fp32"], "heldout_loss_base_bf16": base["bf16"], "heldout_loss_a": loss_a}
     lines += [
         "",
-        f"held-out completion loss: base {base['fp32']:.4f} (fp32) / {base['b_dtype']:.4f} ((b)'s dtype); "
-        f"after (a) {loss_a:.4f}, after (b) {loss_b:.4f}: (b) {'no worse' if summary['b_no_worse'] else 'WORSE'}",
-        f"quality method: {method}",
-        f"(b)/(a) non-pad tokens/s: median {summary['ratio_nonpad_tokens_per_s_median']:.2f}x "
-        f"(min {summary['ratio_min']:.2f}x, max {summary['ratio_max']:.2f}x over {len(ratios)} round(s)); "
-        f"target >= 5x: {'met' if summary['target_5x_met'] else 'NOT met'}",
+        f"quality: {QUALITY_METHOD}",
+        f"held-out completion loss: base model {base['fp32']:.4f} (fp32), {base['bf16']:.4f} (bf16); "
+        f"after (a) {loss_a:.4f}",
     ]
+    for k in names:
+        loss_k = rounds[0][k]["heldout_completion_loss"]
+        r = ratios[k]
+        summary[k] = {
+            "ratio_nonpad_tokens_per_s_median": statistics.median(r),
+            "ratio_min": min(r),
+            "ratio_max": max(r),
+            "ratios": r,
+            "heldout_loss": loss_k,
+            "no_worse_than_a": loss_k <= loss_a,
+            "target_5x_met": statistics.median(r) >= 5,
+        }
+        lines.append(
+            f"({k})/(a) non-pad tokens/s: median {statistics.median(r):.2f}x (min {min(r):.2f}x, max {max(r):.2f}x, "
+            f"{len(r)} round(s)); target >= 5x {'met' if statistics.median(r) >= 5 else 'NOT met'}; held-out loss "
+            f"{loss_k:.4f} vs (a) {loss_a:.4f}: {'no worse' if loss_k <= loss_a else 'WORSE'}"
+        )
     print("\n".join(lines), flush=True)
     return summary
 
 
 QUALITY_METHOD = (
-    "mean NLL of the completion tokens of a fixed held-out set (equal per source, never trained on), "
-    "after each recipe has trained one epoch over the same examples; each model evaluated as trained"
+    "mean NLL of the completion tokens of a fixed held-out set (equal per source, never trained on) after "
+    "each recipe has trained one epoch over the same examples, each model evaluated as trained (own dtype)"
 )
 
 
@@ -379,43 +398,44 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: 8 records per source, 1 warm-up step")
     parser.add_argument("--per-source", type=int, default=None, help="train records per source (default 32; quick 8)")
-    parser.add_argument("--rounds", type=int, default=1, help="repeat the (a)/(b) pair, alternating the order")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat the comparison, alternating the order")
     parser.add_argument("--warmup-steps", type=int, default=None, help="optimizer steps left out of timing (default 2; quick 1)")
-    parser.add_argument("--only-b", action="store_true", help="skip (a) (to compare variants of (b) quickly)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
+    parser.add_argument(
+        "--variant", nargs=2, action="append", default=[], metavar=("NAME", "OVERRIDES"),
+        help="also measure (b) with these sft/run.py overrides, e.g. --variant padding_free "
+        "'--padding_free true --max_length null' (repeatable)",
+    )
     parser.add_argument("--out", help="write the figures as JSON here")
     args = parser.parse_args(argv)
     per_source = args.per_source or (8 if args.quick else 32)
     warmup = args.warmup_steps if args.warmup_steps is not None else (1 if args.quick else 2)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
-    torch.manual_seed(SEED)
-    config = sft_run_config(overrides)
-    b_settings = describe_b(config)
+    configs = {"b": sft_run_config(overrides)}
+    configs.update({name: sft_run_config([*overrides, *shlex.split(extra)]) for name, extra in args.variant})
+    settings = {k: describe_b(c) for k, c in configs.items()}
     tokenizer = load_tokenizer("smollm2")
     train, held_out = mixed_records(per_source)
-    print(f"[bench] torch threads {torch.get_num_threads()}; (b) = {json.dumps(b_settings)}", flush=True)
-    print(f"[bench] quality method: {QUALITY_METHOD}", flush=True)
+    print(f"[bench] quality: {QUALITY_METHOD}", flush=True)
 
     base_model = load_causal_lm("smollm2", dtype=torch.float32)
     ensure_pad_token(tokenizer, base_model)
     base = {"fp32": heldout_completion_loss(base_model, tokenizer, held_out), "heldout_records": len(held_out)}
-    base_model.to(model_init_kwargs(config[2])["dtype"])
-    base["b_dtype"] = heldout_completion_loss(base_model, tokenizer, held_out)
+    base["bf16"] = heldout_completion_loss(base_model.to(torch.bfloat16), tokenizer, held_out)
     del base_model
 
-    recipes = {
-        "a": lambda out: original_trainer(tokenizer, train, out),
-        "b": lambda out: sft_run_trainer(config, train, out),
-    }
+    recipes = {"a": lambda out: original_trainer(tokenizer, train, out)}
+    recipes.update({k: (lambda out, c=c: sft_run_trainer(c, train, out)) for k, c in configs.items()})
     rounds = []
     for i in range(args.rounds):
-        order = ["b"] if args.only_b else (["a", "b"] if i % 2 == 0 else ["b", "a"])
-        rounds.append({k: run_recipe(f"round {i + 1} ({k})", recipes[k], tokenizer, held_out, warmup) for k in order})
+        order = list(recipes) if i % 2 == 0 else list(reversed(recipes))
+        figures = {k: run_recipe(f"round {i + 1} ({k})", recipes[k], tokenizer, held_out, warmup) for k in order}
+        rounds.append({k: figures[k] for k in recipes})
 
-    if args.only_b:
-        result = {"rounds": rounds, "base": base, "b_settings": b_settings}
-    else:
-        result = {"rounds": rounds, "base": base, "b_settings": b_settings, "quality_method": QUALITY_METHOD}
-        result["summary"] = report(rounds, base, b_settings, QUALITY_METHOD)
+    result = {"settings": settings, "quality_method": QUALITY_METHOD, "base": base, "rounds": rounds}
+    result["summary"] = report(rounds, base, settings)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     return result

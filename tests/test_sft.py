@@ -106,6 +106,38 @@ def test_labels_mask_exactly_the_prompt(tiny_llama, tmp_path):
         assert completion.startswith(example["completion"][0]["content"])
 
 
+def test_small_stages_are_length_grouped(tiny_llama, tmp_path):
+    """A demo-sized stage (48 examples, batch 8) gets buckets of several batches, hence less padding."""
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+    from trl import SFTConfig
+
+    from clinalign.data import load_records
+    from clinalign.sft import BucketedLengthSampler, PlainLossSFTTrainer, stage_examples
+
+    records = load_records(str(REPO / "clinalign/sample_data/pubmedqa_ori_pqal.json")).records[:48]
+    tokenizer = models.load_tokenizer("tiny-llama")
+    model = models.load_causal_lm("tiny-llama")
+    models.ensure_pad_token(tokenizer, model)
+    args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", max_length=4096,
+                     per_device_train_batch_size=8, train_sampling_strategy="group_by_length")
+    trainer = PlainLossSFTTrainer(model=model, args=args, train_dataset=stage_examples(records, "chat"),
+                                  processing_class=tokenizer)
+    sampler = trainer._get_train_sampler()
+    assert type(sampler) is BucketedLengthSampler
+    lengths = sampler.lengths
+    assert sorted(lengths) == sorted(len(row["input_ids"]) for row in trainer.train_dataset)
+
+    def padded_positions(order):
+        batches = [order[i : i + 8] for i in range(0, len(order), 8)]
+        return sum(len(b) * max(lengths[j] for j in b) - sum(lengths[j] for j in b) for b in batches)
+
+    torch.manual_seed(0)  # the sampler draws from torch's generator, as the Trainer seeds it
+    order = list(sampler)
+    assert sorted(order) == list(range(48))  # every example once per epoch
+    plain = list(LengthGroupedSampler(8, lengths=lengths, generator=torch.Generator().manual_seed(0)))
+    assert padded_positions(order) < padded_positions(plain)  # transformers' default groups nothing at 48
+
+
 def test_reload_an_adapter_and_generate(curriculum):
     out, _ = curriculum
     model, tokenizer = models.load_policy("tiny-llama", out / "stages" / STAGES[1])
