@@ -14,7 +14,13 @@ import dataclasses
 from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
-from clinalign.models import ensure_pad_token, load_tokenizer, load_trainable_policy, quantize_after_lora
+from clinalign.models import (
+    ensure_pad_token,
+    load_tokenizer,
+    load_trainable_policy,
+    quantize_after_lora,
+    score_only_labelled_positions,
+)
 
 
 @dataclasses.dataclass
@@ -71,6 +77,7 @@ def preference_dataset(rows: list[dict], reasoning_effort: str = "low") -> Datas
 def build_dpo_trainer(dpo_args: DPOArgs, training_args: DPOConfig, model_args, train_rows, eval_rows) -> DPOTrainer:
     # With the SFT adapter, TRL trains it and keeps a frozen copy as the "ref" adapter (the reference);
     # without one, a fresh LoRA whose copy (B = 0) is the base model.
+    score_only_labelled_positions()
     policy = load_trainable_policy(model_args, dpo_args.sft_adapter, training_args.gradient_checkpointing)
     tokenizer = load_tokenizer(dpo_args.sft_adapter or model_args.model_name_or_path)
     ensure_pad_token(tokenizer, policy)

@@ -22,7 +22,13 @@ from trl import RLOOConfig, RLOOTrainer
 from clinalign.config import ConfigError
 from clinalign.data.records import Record, is_held_out
 from clinalign.kl_control import AdaptiveKLController, KLControlCallback
-from clinalign.models import ensure_pad_token, load_tokenizer, load_trainable_policy, quantize_after_lora
+from clinalign.models import (
+    ensure_pad_token,
+    load_tokenizer,
+    load_trainable_policy,
+    quantize_after_lora,
+    score_only_labelled_positions,
+)
 from clinalign.prompts import free_text_messages, prompt_messages
 from clinalign.rewards import RewardModelReward, factuality_reward, load_reward_model, safety_reward
 
@@ -82,6 +88,7 @@ def build_ppo_trainer(ppo_args: PPOArgs, training_args: RLOOConfig, model_args, 
         raise ConfigError("num_iterations must be >= 2 so each batch gets several passes and PPO clipping acts")
     if training_args.beta <= 0:
         raise ConfigError("beta (the KL coefficient) must be > 0: the reference is what keeps the policy sane")
+    score_only_labelled_positions()
     reward_funcs, weights = [], []
     if ppo_args.reward_model and ppo_args.reward_model_weight:
         model, tokenizer = load_reward_model(ppo_args.reward_model)

@@ -43,10 +43,10 @@ def main(dpo_args: DPOArgs, training_args: DPOConfig, model_args: ModelArgs):
     measure = dict(
         records=records, safety_prompts=safety, reward=reward, max_new_tokens=dpo_args.eval_max_new_tokens,
         kl_max_new_tokens=dpo_args.kl_max_new_tokens, kl_num_samples=dpo_args.kl_num_samples,
-        reasoning_effort=dpo_args.reasoning_effort,
+        reasoning_effort=dpo_args.reasoning_effort, batch_size=training_args.per_device_eval_batch_size,
     )
     before = evaluate_policy(trainer.model, tokenizer, kl=False, **measure)  # the policy is the reference: KL = 0
-    before_pairs = trainer.evaluate() if eval_rows else {}
+    # No preference eval before training: the policy is then the reference, so every implicit reward is 0.
     trainer.train()
     after_pairs = trainer.evaluate() if eval_rows else {}
     # Training wrapped forward in the accelerator's autocast; measure "after" in the precision "before" used.
@@ -58,7 +58,7 @@ def main(dpo_args: DPOArgs, training_args: DPOConfig, model_args: ModelArgs):
     metrics = {
         "beta": training_args.beta,
         "pairs": {"train": len(train_rows), "eval": len(eval_rows)},
-        "preference_eval": {"before": before_pairs, "after": after_pairs},
+        "preference_eval": after_pairs,
         "held_out": {"before": before, "after": after},
         "log_history": trainer.state.log_history,
     }
@@ -71,8 +71,7 @@ def main(dpo_args: DPOArgs, training_args: DPOConfig, model_args: ModelArgs):
         safety_after = after.get("safety", {}).get("safety_score")
         print(f"[dpo] beta {training_args.beta}: held-out safety {safety_before} -> {safety_after}, "
               f"KL/seq (k1, k3) {after['overall'].get('kl_k1')}, {after['overall'].get('kl_k3')}, "
-              f"preference accuracy {before_pairs.get('eval_rewards/accuracies')} -> "
-              f"{after_pairs.get('eval_rewards/accuracies')}")
+              f"held-out preference accuracy {after_pairs.get('eval_rewards/accuracies')}")
     return metrics
 
 

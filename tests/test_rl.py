@@ -78,6 +78,34 @@ def sequence_logps(model, tokenizer, text: str) -> torch.Tensor:
     return torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
 
 
+def test_fused_head_scores_only_labelled_positions_with_the_same_values(tiny_llama, monkeypatch):
+    """On a CPU TRL's fused LM head projects every position; clinalign makes it project only the labelled ones."""
+    import trl.trainer.utils as trl_utils
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction, _use_triton
+
+    from clinalign import models
+
+    monkeypatch.setattr(trl_utils, "_use_triton", _use_triton)  # TRL's own, whatever ran before; restored after
+    model = models.load_causal_lm("tiny-llama")
+    trl_utils.add_fused_lm_head(model, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
+    input_ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    labels = input_ids.clone()
+    labels[:, :8] = -100  # the prompt: 7 of the 11 scored positions are masked
+    labels[1, -1] = -100  # and a padded completion token
+
+    rows = []
+    original = ChunkedLogProbFunction.apply
+    monkeypatch.setattr(ChunkedLogProbFunction, "apply", lambda hidden, *a: rows.append(len(hidden)) or original(hidden, *a))
+    full = model(input_ids=input_ids, labels=labels, fused_lm_head=True)
+    models.score_only_labelled_positions()
+    compact = model(input_ids=input_ids, labels=labels, fused_lm_head=True)
+    assert rows == [2 * 11, 4 + 3]  # every shifted position, then only the labelled ones
+    for field in ("log_probs", "entropy", "mean_logits", "is_top1"):
+        torch.testing.assert_close(getattr(compact, field), getattr(full, field))
+    assert (compact.log_probs[:, :7] == 0).all() and (compact.log_probs[:, 7:10] < 0).all()
+    torch.testing.assert_close(compact.loss, full.loss)
+
+
 def test_dpo_moves_the_policy_and_keeps_the_sft_reference_frozen(tmp_path, tiny_pairs, tiny_sft_adapter):
     from trl import DPOConfig
 
