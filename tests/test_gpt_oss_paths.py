@@ -296,7 +296,7 @@ gradient_checkpointing: false
     assert_4bit(model)
     # The reference at the start is the SFT policy as trained: the same NF4 weights and LoRA values. Not to
     # the bit: TRL kept the SFT LoRA in bf16 (QLoRA), the frozen copy computes in fp32, so they agree to
-    # bf16 precision (2.3e-4 absolute here; 3e-3 relative on a CPU without AVX512-BF16 in CI).
+    # bf16 precision (2.3e-4 absolute here; 3e-3 relative on the CI machine).
     sft_policy = probe_outputs(trained(sft_record))["default"]
     torch.testing.assert_close(record.outputs["ref"], sft_policy, atol=1e-3, rtol=2**-7)
     after = probe_outputs(model)
