@@ -21,6 +21,11 @@ from clinalign.models import (
     quantize_after_lora,
     score_only_labelled_positions,
 )
+from clinalign.sampling import PairLengthGrouping
+
+
+class LengthGroupedDPOTrainer(PairLengthGrouping, DPOTrainer):
+    """TRL's DPOTrainer; with `train_sampling_strategy: group_by_length`, pairs of similar length share a batch."""
 
 
 @dataclasses.dataclass
@@ -81,7 +86,7 @@ def build_dpo_trainer(dpo_args: DPOArgs, training_args: DPOConfig, model_args, t
     policy = load_trainable_policy(model_args, dpo_args.sft_adapter, training_args.gradient_checkpointing)
     tokenizer = load_tokenizer(dpo_args.sft_adapter or model_args.model_name_or_path)
     ensure_pad_token(tokenizer, policy)
-    trainer = DPOTrainer(
+    trainer = LengthGroupedDPOTrainer(
         model=policy,
         ref_model=None,
         args=training_args,

@@ -532,16 +532,22 @@ def held_out_key(pair: Pair) -> str | None:
     return None
 
 
-def without_held_out(source: PairSource, eval_fraction: float) -> PairSource:
-    """Drop (and count as `held_out`) the pairs whose prompt the eval split holds out."""
-    kept, skipped = [], collections.Counter(source.skipped)
+def split_held_out(source: PairSource, eval_fraction: float) -> tuple[PairSource, PairSource]:
+    """(train, held out): the pairs whose prompt the eval split holds out move to the second source.
+
+    The train source counts them as skipped `held_out`, so its report still adds up; reward/pairs.py
+    writes the held-out ones to their own file, where the reward model is evaluated on questions no
+    training stage has seen.
+    """
+    kept, held, skipped = [], [], collections.Counter(source.skipped)
     for pair in source.pairs:
         key = held_out_key(pair)
         if key is not None and is_held_out(key, eval_fraction):
+            held.append(pair)
             skipped["held_out"] += 1
         else:
             kept.append(pair)
-    return PairSource(source.name, kept, skipped)
+    return PairSource(source.name, kept, skipped), PairSource(source.name, held, collections.Counter())
 
 
 def read_pairs(path: str | Path) -> list[dict[str, Any]]:

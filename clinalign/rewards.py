@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from trl import RewardTrainer
 
 from clinalign.config import ClinalignError
 from clinalign.models import (
@@ -36,6 +37,11 @@ from clinalign.models import (
     resolve_dtype,
     resolve_model,
 )
+from clinalign.sampling import PairLengthGrouping
+
+
+class LengthGroupedRewardTrainer(PairLengthGrouping, RewardTrainer):
+    """TRL's RewardTrainer; with `train_sampling_strategy: group_by_length`, pairs of similar length share a batch."""
 
 
 def reward_backbone(base: str, sft_adapter: str | Path | None = None, *, dtype="auto", quantization_config=None):

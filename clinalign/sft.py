@@ -23,12 +23,13 @@ from typing import Any
 import torch
 from datasets import Dataset
 from transformers import Trainer
-from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
+from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl import SFTTrainer
 
 from clinalign.config import ConfigError
 from clinalign.data.records import Record, is_held_out
 from clinalign.prompts import to_chat_example
+from clinalign.sampling import BucketedLengthSampler
 
 COMPLETE_MARKER = "COMPLETE"
 
@@ -181,23 +182,6 @@ class PlainLossSFTTrainer(SFTTrainer):
         if type(sampler) is LengthGroupedSampler:  # train_sampling_strategy: group_by_length
             sampler = BucketedLengthSampler(sampler.batch_size, lengths=sampler.lengths, generator=sampler.generator)
         return sampler
-
-
-class BucketedLengthSampler(LengthGroupedSampler):
-    """transformers' length-grouped sampler, with buckets of at least `MIN_BUCKET_BATCHES` batches.
-
-    transformers sorts by length within random "megabatches" of min(n / (4 x batch), 50) batches, so a
-    stage of fewer than 8 x batch examples (the demo's ~48) gets megabatches of one batch: no grouping
-    at all, and batches padded to their longest of 8 random examples. With buckets of 4 batches the
-    SFT benchmark's mix of the three datasets trains on 5.5% padding (tests check that buckets pad less
-    than transformers' sampler). Which examples share a bucket stays random.
-    """
-
-    MIN_BUCKET_BATCHES = 4
-
-    def __iter__(self):
-        batches = max(self.MIN_BUCKET_BATCHES, min(len(self.lengths) // (4 * self.batch_size), 50))
-        return iter(get_length_grouped_indices(self.lengths, self.batch_size, batches, generator=self.generator))
 
 
 def _accepts_logits_to_keep(model) -> bool:

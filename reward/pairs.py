@@ -15,7 +15,8 @@ safety_weight * (safe_c - safe_r); a pair whose margin is not positive is droppe
 or flipped (`nonpositive_margin: flip`). See clinalign/preferences.py.
 
 Writes OUTPUT_DIR/pairs.jsonl (TRL's conversational preference format plus margin, per-axis scores
-and axis), OUTPUT_DIR/metrics.json (the report: read == kept + sum(skipped), per source, plus each
+and axis), OUTPUT_DIR/heldout.jsonl (the same, built on the eval split's questions and safety prompts,
+which no stage trains on: the reward model's held-out set), OUTPUT_DIR/metrics.json (the report: read == kept + sum(skipped), per source, plus each
 record source's conversion report) and OUTPUT_DIR/config.yaml.
 """
 
@@ -27,7 +28,7 @@ from pathlib import Path
 
 from clinalign.config import ClinalignError, Parser, run, to_plain, write_json, write_resolved_config
 from clinalign.data import load_records
-from clinalign.preferences import build_pairs, factuality_pairs, read_preference_file, without_held_out
+from clinalign.preferences import build_pairs, factuality_pairs, read_preference_file, split_held_out
 from clinalign.safety import load_checks
 
 
@@ -84,7 +85,7 @@ class PairsArgs:
     eval_fraction: float = dataclasses.field(
         default=0.2,
         metadata={"help": "Share of records and safety prompts held out for eval (the split every stage uses): "
-                  "no pair is built on them."},
+                  "their pairs go to heldout.jsonl, not pairs.jsonl."},
     )
 
 
@@ -114,23 +115,26 @@ def main(args: PairsArgs) -> dict:
             )
         )
     sources += [read_preference_file(path, single_response=args.single_response) for path in args.preference_files]
-    sources = [without_held_out(source, args.eval_fraction) for source in sources]
-    rows, report = build_pairs(
-        sources,
+    train_sources, held_sources = zip(*(split_held_out(source, args.eval_fraction) for source in sources))
+    scoring = dict(
         factuality_weight=args.factuality_weight,
         safety_weight=args.safety_weight,
         nonpositive=args.nonpositive_margin,
         keep_external_ties=args.keep_external_ties,
         checks=checks,
     )
+    rows, report = build_pairs(list(train_sources), **scoring)
     if not rows:
         raise ClinalignError(f"no pair kept (read {report['read']}, skipped {report['skipped']})")
+    # Pairs on the held-out questions and safety prompts: never trained on, the reward model's eval set.
+    held_rows, held_report = build_pairs(list(held_sources), **scoring)
 
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    with open(output_dir / "pairs.jsonl", "w", encoding="utf-8") as out:
-        out.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    write_json(output_dir / "metrics.json", {**report, "conversions": conversions})
+    for name, file_rows in (("pairs.jsonl", rows), ("heldout.jsonl", held_rows)):
+        with open(output_dir / name, "w", encoding="utf-8") as out:
+            out.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in file_rows)
+    write_json(output_dir / "metrics.json", {**report, "heldout": held_report, "conversions": conversions})
     write_resolved_config(output_dir, args)
     axes = ", ".join(f"{axis} {n}" for axis, n in report["by_axis"].items())
     skipped = ", ".join(f"{reason} {n}" for reason, n in report["skipped"].items()) or "none"
@@ -138,6 +142,8 @@ def main(args: PairsArgs) -> dict:
         f"pairs: read {report['read']}, kept {report['kept']} ({axes}), flipped {report['flipped']}, "
         f"skipped {skipped} -> {output_dir / 'pairs.jsonl'}"
     )
+    held_axes = ", ".join(f"{axis} {n}" for axis, n in held_report["by_axis"].items()) or "none"
+    print(f"pairs: held out {held_report['kept']} ({held_axes}) -> {output_dir / 'heldout.jsonl'}")
     return report
 
 

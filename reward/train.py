@@ -8,7 +8,8 @@ TRL's RewardTrainer (Bradley-Terry: -log sigmoid(r_chosen - r_rejected - margin)
 centering) on a one-logit classification head over the base model, optionally with an SFT stage
 adapter merged in first. LoRA trains the backbone; the `score` head is trained in full and saved
 with the adapter (`modules_to_save`). The `margin` column of reward/pairs.py output is used.
-Held-out pairwise accuracy, overall and per axis (factuality, safety), goes to metrics.json.
+Held-out pairwise accuracy, overall and per axis (factuality, safety), goes to metrics.json: on the
+`eval_pairs` file (pairs on the questions every stage holds out) and the `eval_fraction` split of `pairs`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from datasets import Dataset
-from trl import RewardConfig, RewardTrainer, get_peft_config
+from trl import RewardConfig, get_peft_config
 
 from clinalign.config import ConfigError, ModelArgs, Parser, run, write_json, write_resolved_config
 from clinalign.models import (
@@ -29,7 +30,7 @@ from clinalign.models import (
     write_adapter_provenance,
 )
 from clinalign.preferences import read_pairs, split_pairs
-from clinalign.rewards import restore_score_dtype, reward_backbone, score_responses
+from clinalign.rewards import LengthGroupedRewardTrainer, restore_score_dtype, reward_backbone, score_responses
 
 
 @dataclasses.dataclass
@@ -40,7 +41,13 @@ class RewardScriptArgs:
     sft_adapter: str | None = dataclasses.field(
         default=None, metadata={"help": "An SFT stage adapter merged into the backbone before reward training."}
     )
-    eval_fraction: float = dataclasses.field(default=0.2, metadata={"help": "Share of pairs held out, per axis."})
+    eval_pairs: str | None = dataclasses.field(
+        default=None,
+        metadata={"help": "Pairs on questions no stage trains on (reward/pairs.py's heldout.jsonl), scored after training."},
+    )
+    eval_fraction: float = dataclasses.field(
+        default=0.2, metadata={"help": "Share of `pairs` (by question) held out of training and scored with eval_pairs."}
+    )
     reasoning_effort: str = dataclasses.field(
         default="low",
         metadata={"help": "Harmony reasoning effort of the prompts (GPT-OSS): the SFT stages' setting.",
@@ -80,6 +87,8 @@ def main(script_args: RewardScriptArgs, training_args: RewardConfig, model_args:
         raise ConfigError("reward/train.py trains a LoRA reward model: set use_peft: true")
     rows = read_pairs(script_args.pairs)
     train_rows, eval_rows = split_pairs(rows, script_args.eval_fraction)
+    if script_args.eval_pairs:
+        eval_rows += read_pairs(script_args.eval_pairs)
     train_dataset = reward_dataset(train_rows, script_args.reasoning_effort)
 
     load = model_init_kwargs(model_args)  # dtype and 4-bit settings, as every training stage loads its base
@@ -93,7 +102,7 @@ def main(script_args: RewardScriptArgs, training_args: RewardConfig, model_args:
     peft_config = get_peft_config(dataclasses.replace(model_args, lora_task_type="SEQ_CLS"))
     peft_config.modules_to_save = sorted(set(peft_config.modules_to_save or []) | {"score"})
 
-    trainer = RewardTrainer(
+    trainer = LengthGroupedRewardTrainer(
         model=model, args=training_args, train_dataset=train_dataset, processing_class=tokenizer, peft_config=peft_config
     )
     quantize_after_lora(trainer.model, model_args)  # GPT-OSS 4-bit: experts, now that the LoRA is attached

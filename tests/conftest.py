@@ -93,6 +93,21 @@ def tiny_pairs(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_heldout_pairs(tmp_path_factory) -> Path:
+    """Factuality pairs on questions tiny_pairs does not use: a reward model's `eval_pairs`."""
+    import json
+
+    from clinalign.data import load_records
+    from clinalign.preferences import build_pairs, factuality_pairs
+
+    records = load_records(str(REPO / "clinalign/sample_data/medmcqa_train.jsonl")).records[12:18]
+    rows, _ = build_pairs([factuality_pairs(records, source="medmcqa")])
+    path = tmp_path_factory.mktemp("pairs") / "heldout.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_sft_adapter(tmp_path_factory, tiny_llama) -> Path:
     """A LoRA adapter on the tiny Llama standing in for the final SFT stage (random, non-zero B)."""
     from peft import LoraConfig, get_peft_model
@@ -111,13 +126,14 @@ def tiny_sft_adapter(tmp_path_factory, tiny_llama) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_reward_model(tmp_path_factory, tiny_pairs) -> Path:
-    """A tiny reward model trained for 2 steps by reward/train.py (in this process)."""
+def tiny_reward_model(tmp_path_factory, tiny_pairs, tiny_heldout_pairs) -> Path:
+    """A tiny reward model trained for 2 length-grouped steps by reward/train.py (in this process)."""
     import runpy
 
     entry = runpy.run_path(str(REPO / "reward" / "train.py"), run_name="rm_fixture")
     out = tmp_path_factory.mktemp("reward")
     args = ["--config", str(REPO / "configs/reward/tiny.yaml"), "--pairs", str(tiny_pairs),
-            "--output_dir", str(out), "--max_steps", "2", "--eval_fraction", "0.5"]
+            "--output_dir", str(out), "--max_steps", "2", "--eval_fraction", "0.5",
+            "--eval_pairs", str(tiny_heldout_pairs), "--train_sampling_strategy", "group_by_length"]
     entry["main"](*entry["make_parser"]().parse(args))
     return out

@@ -24,7 +24,9 @@ def test_pairs_on_the_shipped_data(run_script, tmp_path):
     result = run_script("reward/pairs.py", "--config", CONFIG, "--output_dir", out)
     assert result.returncode == 0, result.stderr[-2000:]
     rows, report = _read(out)
-    assert result.stdout.strip().splitlines()[-1].startswith(f"pairs: read {report['read']}, kept {report['kept']}")
+    summary, held_summary = result.stdout.strip().splitlines()[-2:]
+    assert summary.startswith(f"pairs: read {report['read']}, kept {report['kept']}")
+    assert held_summary.startswith(f"pairs: held out {report['heldout']['kept']} (")
 
     assert report["read"] == report["kept"] + sum(report["skipped"].values())
     assert len(rows) == report["kept"] == sum(report["by_axis"].values())
@@ -43,6 +45,14 @@ def test_pairs_on_the_shipped_data(run_script, tmp_path):
     assert held_out and team_ids - held_out <= {r["id"] for r in rows}
     assert not held_out & {r["id"] for r in rows}
     assert report["skipped"]["held_out"] >= len(held_out)
+    # ...their pairs go to heldout.jsonl instead, scored and selected like the training pairs
+    heldout = [json.loads(line) for line in (out / "heldout.jsonl").read_text().splitlines()]
+    held_report = report["heldout"]
+    assert held_report["read"] == report["skipped"]["held_out"] == held_report["kept"] + sum(held_report["skipped"].values())
+    assert len(heldout) == held_report["kept"] and {r["axis"] for r in heldout} == {"factuality", "safety"}
+    assert held_out <= {r["id"] for r in heldout}
+    assert not {r["group"] for r in heldout} & {r["group"] for r in rows}  # no question on both sides
+    assert all(r["margin"] > 0 for r in heldout)
     for row in rows:
         assert row["prompt"][-1]["role"] == "user"
         assert row["chosen"][0]["role"] == row["rejected"][0]["role"] == "assistant"

@@ -14,7 +14,7 @@ from clinalign.rewards import load_reward_model, reward_backbone, score_response
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_training_changes_head_and_lora_and_reports_per_axis(tiny_reward_model, tiny_llama):
+def test_training_changes_head_and_lora_and_reports_per_axis(tiny_reward_model, tiny_pairs, tiny_heldout_pairs):
     saved = load_file(str(tiny_reward_model / "adapter_model.safetensors"))
     head = [k for k in saved if "score" in k]
     lora_b = [k for k in saved if "lora_B" in k]
@@ -26,6 +26,10 @@ def test_training_changes_head_and_lora_and_reports_per_axis(tiny_reward_model, 
     metrics = json.loads((tiny_reward_model / "metrics.json").read_text())
     assert set(metrics["eval"]) >= {"overall", "factuality", "safety"}
     assert metrics["eval"]["overall"]["n"] == metrics["pairs"]["eval"]
+    # held out: the eval_fraction split of the pairs file plus every pair of the eval_pairs file
+    n_pairs, n_heldout = (len(path.read_text().splitlines()) for path in (tiny_pairs, tiny_heldout_pairs))
+    assert metrics["pairs"]["train"] + metrics["pairs"]["eval"] == n_pairs + n_heldout
+    assert metrics["pairs"]["eval"] > n_heldout > 0
     losses = [h["loss"] for h in metrics["train"] if "loss" in h]
     assert losses and all(torch.isfinite(torch.tensor(losses)))
 
@@ -71,3 +75,37 @@ def test_score_script_scores_lines_and_skips_bad_ones(tiny_reward_model, tmp_pat
     assert all(isinstance(r["reward"], float) for r in (out[0], out[1], pair["chosen"], pair["rejected"]))
     assert json.loads((tmp_path / "out.jsonl.summary.json").read_text())["responses"] == 4
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("[score] {")
+
+
+def test_pairs_are_grouped_by_their_padded_length(tiny_pairs, tmp_path):
+    """group_by_length on a preference dataset: lengths are prompt + longer side; each pair once per epoch."""
+    from datasets import Dataset
+    from trl import RewardConfig
+
+    from clinalign.models import ensure_pad_token, load_tokenizer
+    from clinalign.rewards import LengthGroupedRewardTrainer
+    from clinalign.sampling import BucketedLengthSampler, pair_lengths
+
+    rows = [json.loads(line) for line in tiny_pairs.read_text().splitlines()]
+    model, tokenizer = reward_backbone("tiny-llama"), load_tokenizer("tiny-llama")
+    ensure_pad_token(tokenizer, model)
+    args = RewardConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none",
+                        per_device_train_batch_size=4, train_sampling_strategy="group_by_length")
+    data = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows]
+    trainer = LengthGroupedRewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(data),
+                                         processing_class=tokenizer)
+    sampler = trainer._get_train_sampler()
+    assert type(sampler) is BucketedLengthSampler
+    dataset = trainer.train_dataset
+    expected = [max(len(c), len(r)) for c, r in zip(dataset["chosen_ids"], dataset["rejected_ids"], strict=True)]
+    assert sampler.lengths == pair_lengths(dataset) == expected  # the RM's chosen_ids already hold the prompt
+    torch.manual_seed(0)
+    order = list(sampler)
+    assert sorted(order) == list(range(len(rows)))
+
+    def padded(order):
+        batches = [order[i : i + 4] for i in range(0, len(order), 4)]
+        return sum(len(b) * max(expected[j] for j in b) - sum(expected[j] for j in b) for b in batches)
+
+    shuffled = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0)).tolist()
+    assert padded(order) < padded(shuffled)

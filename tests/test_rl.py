@@ -115,11 +115,15 @@ def test_dpo_moves_the_policy_and_keeps_the_sft_reference_frozen(tmp_path, tiny_
     from clinalign.preferences import read_pairs, split_pairs
 
     dpo_args_, training_args, model_args = Parser([DPOArgs, DPOConfig, ModelArgs]).parse(
-        dpo_args(tmp_path, tiny_pairs, tiny_sft_adapter)
+        dpo_args(tmp_path, tiny_pairs, tiny_sft_adapter, "--train_sampling_strategy", "group_by_length")
     )
     train_rows, eval_rows = split_pairs(read_pairs(dpo_args_.pairs), 0.2)
     trainer = build_dpo_trainer(dpo_args_, training_args, model_args, train_rows, eval_rows)
     model, tokenizer = trainer.model, trainer.processing_class
+    # Length-grouped batches: a DPO pair pads to its prompt plus its longer side (prompt_ids are apart).
+    data = trainer.train_dataset
+    lengths = [len(p) + max(len(c), len(r)) for p, c, r in zip(data["prompt_ids"], data["chosen_ids"], data["rejected_ids"])]
+    assert trainer._get_train_sampler().lengths == lengths
     text = "Answer: A. Long thoracic nerve\nExplanation: it supplies serratus anterior."
     sft_policy, _ = load_policy("tiny-llama", tiny_sft_adapter, dtype="float32")
 

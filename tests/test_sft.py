@@ -112,7 +112,8 @@ def test_small_stages_are_length_grouped(tiny_llama, tmp_path):
     from trl import SFTConfig
 
     from clinalign.data import load_records
-    from clinalign.sft import BucketedLengthSampler, PlainLossSFTTrainer, stage_examples
+    from clinalign.sampling import BucketedLengthSampler
+    from clinalign.sft import PlainLossSFTTrainer, stage_examples
 
     records = load_records(str(REPO / "clinalign/sample_data/pubmedqa_ori_pqal.json")).records[:48]
     tokenizer = models.load_tokenizer("tiny-llama")
