@@ -21,6 +21,7 @@ from clinalign.models import (
     quantize_after_lora,
     score_only_labelled_positions,
 )
+from clinalign.preferences import read_pairs, split_pairs
 from clinalign.sampling import PairLengthGrouping
 
 
@@ -34,7 +35,10 @@ class DPOArgs:
         default="runs/demo/pairs/pairs.jsonl", metadata={"help": "Preference pairs (reward/pairs.py output, TRL format)."}
     )
     pairs_eval_fraction: float = dataclasses.field(
-        default=0.2, metadata={"help": "Share of pairs held out for preference accuracy (same split as reward/train.py)."}
+        default=0.2, metadata={"help": "Share of pairs (by question) held out of training for preference accuracy."}
+    )
+    pairs_eval_max: int | None = dataclasses.field(
+        default=None, metadata={"help": "At most this many held-out pairs for preference accuracy (null: all)."}
     )
     sft_adapter: str | None = dataclasses.field(
         default=None, metadata={"help": "The final SFT stage adapter: the policy starts from it and it is the reference."}
@@ -63,6 +67,12 @@ class DPOArgs:
         metadata={"help": "Harmony reasoning effort of the prompts (GPT-OSS): the SFT stages' setting.",
                   "choices": ["low", "medium", "high"]},
     )  # fmt: skip
+
+
+def dpo_pairs(dpo_args: DPOArgs) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) pairs of `dpo_args.pairs`, split by question; at most `pairs_eval_max` held out."""
+    train_rows, eval_rows = split_pairs(read_pairs(dpo_args.pairs), dpo_args.pairs_eval_fraction)
+    return train_rows, eval_rows[: dpo_args.pairs_eval_max]
 
 
 def preference_dataset(rows: list[dict], reasoning_effort: str = "low") -> Dataset:

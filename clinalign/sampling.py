@@ -9,6 +9,7 @@ batch, so nothing is grouped, and (b) it reads an `input_ids` column, which pref
 
 from __future__ import annotations
 
+import torch
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
 
@@ -54,3 +55,11 @@ class PairLengthGrouping:
             return super()._get_train_sampler(train_dataset)
         batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
         return BucketedLengthSampler(batch, lengths=pair_lengths(dataset))
+
+    def _get_eval_sampler(self, eval_dataset):
+        # transformers groups eval batches too under this strategy, in a seeded order; so do we
+        if self.args.train_sampling_strategy != "group_by_length" or eval_dataset is None:
+            return super()._get_eval_sampler(eval_dataset)
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        generator = torch.Generator().manual_seed(seed)
+        return BucketedLengthSampler(self.args.eval_batch_size, lengths=pair_lengths(eval_dataset), generator=generator)

@@ -21,15 +21,14 @@ from trl import DPOConfig
 
 from clinalign.config import ClinalignError, ModelArgs, Parser, run, write_json, write_resolved_config
 from clinalign.data import load_records
-from clinalign.dpo import DPOArgs, build_dpo_trainer
+from clinalign.dpo import DPOArgs, build_dpo_trainer, dpo_pairs
 from clinalign.models import write_adapter_provenance
 from clinalign.policy_eval import evaluate_policy, held_out_records, held_out_safety_prompts
-from clinalign.preferences import read_pairs, split_pairs
 from clinalign.rewards import load_reward_model
 
 
 def main(dpo_args: DPOArgs, training_args: DPOConfig, model_args: ModelArgs):
-    train_rows, eval_rows = split_pairs(read_pairs(dpo_args.pairs), dpo_args.pairs_eval_fraction)
+    train_rows, eval_rows = dpo_pairs(dpo_args)
     records = held_out_records([r for f in dpo_args.eval_data for r in load_records(f).records], dpo_args.eval_fraction)
     records = [r for r in records if r.answer is not None][: dpo_args.eval_max_records]
     safety = held_out_safety_prompts(dpo_args.safety_prompts, dpo_args.eval_fraction) if dpo_args.safety_prompts else []

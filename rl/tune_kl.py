@@ -25,11 +25,11 @@ from trl import DPOConfig, RLOOConfig
 
 from clinalign.config import ClinalignError, ModelArgs, Parser, resolved_config, run, write_json, write_resolved_config
 from clinalign.data import load_records
-from clinalign.dpo import DPOArgs, build_dpo_trainer
+from clinalign.dpo import DPOArgs, build_dpo_trainer, dpo_pairs
 from clinalign.plots import kl_frontier
 from clinalign.policy_eval import evaluate_policy, held_out_records, held_out_safety_prompts
 from clinalign.ppo import PPOArgs, build_ppo_trainer, rl_prompts
-from clinalign.preferences import load_safety_prompts, read_pairs, split_pairs
+from clinalign.preferences import load_safety_prompts
 from clinalign.rewards import load_reward_model
 
 OBJECTIVES = ("rm_score", "safety_score", "mc_acc", "gen_acc", "preference_accuracy")
@@ -58,6 +58,9 @@ class TuneKLArgs:
     eval_max_safety_prompts: int | None = dataclasses.field(
         default=None, metadata={"help": "At most this many held-out safety prompts (null: all)."}
     )
+    eval_max_pairs: int | None = dataclasses.field(
+        default=None, metadata={"help": "DPO: at most this many held-out pairs for preference accuracy (null: all)."}
+    )
     output_dir: str = dataclasses.field(default="runs/demo/tune_kl", metadata={"help": "Where the runs and the frontier go."})
 
 
@@ -69,7 +72,7 @@ def train_one(method: str, configs: tuple, held_out: dict, reward) -> dict:
     """Train one beta, then measure it; returns the row of the frontier table."""
     method_args, training_args, model_args = configs
     if method == "dpo":
-        train_rows, eval_rows = split_pairs(read_pairs(method_args.pairs), method_args.pairs_eval_fraction)
+        train_rows, eval_rows = dpo_pairs(method_args)
         trainer = build_dpo_trainer(method_args, training_args, model_args, train_rows, eval_rows)
     else:
         records = [r for source in method_args.data for r in load_records(source).records]
@@ -137,6 +140,8 @@ def main(args: TuneKLArgs):
     for beta in args.grid:
         run_args = ["--config", args.base_config, "--beta", str(beta), "--max_steps", str(args.max_steps),
                     "--output_dir", str(output_dir / f"{args.method}_beta_{beta:g}"), "--save_strategy", "no"]
+        if args.method == "dpo" and args.eval_max_pairs is not None:
+            run_args += ["--pairs_eval_max", str(args.eval_max_pairs)]
         rows.append(train_one(args.method, method_parser(args.method).parse(run_args), held_out, reward))
         print(f"[tune_kl] {args.method} beta {beta:g}: " + ", ".join(f"{k} {v}" for k, v in rows[-1].items()))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import runpy
 import types
 from pathlib import Path
@@ -137,12 +138,26 @@ def test_dpo_moves_the_policy_and_keeps_the_sft_reference_frozen(tmp_path, tiny_
     assert set(model.peft_config) == {"default", "ref"}  # TRL copied the SFT adapter as the reference
     ref_before, policy_before = logps("ref"), logps("default")
     assert torch.allclose(ref_before, sequence_logps(sft_policy, tokenizer, text), atol=1e-5)  # ref == SFT policy
+    # Eval batches are length-grouped too. Before training the policy is the reference: every implicit
+    # reward is 0 and the DPO loss is -log sigmoid(0) = log 2.
+    assert abs(trainer.evaluate()["eval_loss"] - math.log(2)) < 1e-3
     trainer.train()
     # Accelerate wrapped forward in bf16 autocast for training; compare in the precision measured before.
     trainer.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     model.eval()
     assert torch.equal(logps("ref"), ref_before)  # the reference did not move
     assert not torch.allclose(logps("default"), policy_before)  # the policy did
+
+
+def test_dpo_pairs_split_by_question_and_cap_the_held_out_ones(tiny_pairs):
+    from clinalign.dpo import DPOArgs, dpo_pairs
+
+    rows = [json.loads(line) for line in tiny_pairs.read_text().splitlines()]
+    train, held = dpo_pairs(DPOArgs(pairs=str(tiny_pairs), pairs_eval_fraction=0.5))
+    assert len(train) + len(held) == len(rows) and len(held) > 2
+    assert not {r["group"] for r in train} & {r["group"] for r in held}
+    capped_train, capped = dpo_pairs(DPOArgs(pairs=str(tiny_pairs), pairs_eval_fraction=0.5, pairs_eval_max=2))
+    assert capped == held[:2] and capped_train == train  # the cap never moves a pair into training
 
 
 def test_dpo_script_reports_before_and_after(tmp_path, tiny_pairs, tiny_sft_adapter):
