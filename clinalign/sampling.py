@@ -46,7 +46,8 @@ def pair_lengths(dataset) -> list[int]:
 class PairLengthGrouping:
     """Mixin for TRL's preference trainers: `train_sampling_strategy: group_by_length` groups pairs by length.
 
-    On the demo's pairs, random batches of 8 are 27% padding, grouped ones 4%.
+    On the demo's 218 training pairs, batches of 8 are 25% padding in random order and 7% grouped
+    (five shuffles each).
     """
 
     def _get_train_sampler(self, train_dataset=None):

@@ -15,9 +15,10 @@ safety_weight * (safe_c - safe_r); a pair whose margin is not positive is droppe
 or flipped (`nonpositive_margin: flip`). See clinalign/preferences.py.
 
 Writes OUTPUT_DIR/pairs.jsonl (TRL's conversational preference format plus margin, per-axis scores
-and axis), OUTPUT_DIR/heldout.jsonl (the same, built on the eval split's questions and safety prompts,
-which no stage trains on: the reward model's held-out set), OUTPUT_DIR/metrics.json (the report: read == kept + sum(skipped), per source, plus each
-record source's conversion report) and OUTPUT_DIR/config.yaml.
+and axis), OUTPUT_DIR/heldout.jsonl (the same, built on the eval split's questions and safety
+prompts, which no stage trains on: the reward model's held-out set), OUTPUT_DIR/metrics.json (the
+report: read == kept + sum(skipped), per source, the held-out file's own report, and each record
+source's conversion report) and OUTPUT_DIR/config.yaml.
 """
 
 from __future__ import annotations
