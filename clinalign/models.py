@@ -299,6 +299,9 @@ def load_tokenizer(name_or_path: str, padding_side: str = "right"):
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(name_or_path))
     tokenizer.padding_side = padding_side
+    if getattr(tokenizer, "chat_template", None) and "<|channel|>" in tokenizer.chat_template:
+        # A GPT-OSS tokenizer (the hub's template, or a saved one): every stage renders harmony's layout.
+        tokenizer.chat_template = (Path(__file__).parents[1] / "harmony" / "chat_template.jinja").read_text()
     return ensure_pad_token(tokenizer)
 
 

@@ -20,6 +20,7 @@ message, the final message and the closing `<|return|>` (harmony's training rend
 from __future__ import annotations
 
 import datetime
+from pathlib import Path
 
 from clinalign.config import ClinalignError
 from clinalign.data.records import Record
@@ -31,6 +32,19 @@ KNOWLEDGE_CUTOFF = "2024-06"  # GPT-OSS's own cutoff, as its chat template state
 START = HARMONY_SPECIAL_TOKENS["<|start|>"]
 # A turn that ends with one of these is over: the model stops generating there.
 TERMINAL_TOKENS = (HARMONY_SPECIAL_TOKENS["<|return|>"], HARMONY_SPECIAL_TOKENS["<|call|>"])
+# The same layout as a Jinja chat template, for TRL's trainers (pinned against openai-harmony by a test).
+CHAT_TEMPLATE = Path(__file__).with_name("chat_template.jinja")
+
+
+def use_harmony_template(tokenizer):
+    """Give a GPT-OSS tokenizer clinalign's harmony template, so every stage renders one format.
+
+    The hub's and TRL's gptoss templates differ from openai-harmony's renderer (they add a blank line
+    after the developer instructions), so a model trained by SFT on harmony renders would be
+    preferred, optimised and rewarded on another prompt. Returns the tokenizer.
+    """
+    tokenizer.chat_template = CHAT_TEMPLATE.read_text()
+    return tokenizer
 
 
 def _conversation(record: Record, reasoning_effort: str, current_date: str | None, assistant: list | None = None):

@@ -129,7 +129,6 @@ def gpt_oss_tokenizer():
 
     Built once (a few seconds) and cached; later calls load the cached tokenizer.json.
     """
-    import trl
     from transformers import PreTrainedTokenizerFast
 
     from clinalign.models import home
@@ -149,6 +148,6 @@ def gpt_oss_tokenizer():
         eos_token="<|return|>",
         pad_token="<|endoftext|>",
     )
-    # GPT-OSS's own chat template, as TRL ships it (what the hub tokenizer of gpt-oss-20b carries).
-    tokenizer.chat_template = (Path(trl.__file__).parent / "chat_templates" / "gptoss.jinja").read_text()
+    # clinalign's harmony template (token-identical to openai-harmony's render), not TRL's gptoss.jinja.
+    tokenizer.chat_template = (Path(__file__).with_name("chat_template.jinja")).read_text()
     return tokenizer

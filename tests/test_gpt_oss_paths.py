@@ -176,10 +176,10 @@ def short_pairs() -> list[dict]:
 
 def test_trl_renders_pairs_in_harmony_with_the_chat_template():
     """DPO, RLOO and the RewardTrainer render our chat-message pairs with the tokenizer's chat template
-    (TRL's gptoss.jinja on the tiny GPT-OSS): the same tokens openai-harmony renders for the conversation,
-    with the defaults of the template (reasoning medium, today's date) and two trailing newlines after
-    the developer instructions."""
-    from openai_harmony import Conversation, DeveloperContent, Message, Role, SystemContent
+    (clinalign's harmony template, which load_tokenizer gives every GPT-OSS tokenizer): exactly the tokens
+    openai-harmony renders for the conversation, with the template's defaults (reasoning low, today's
+    date), as SFT renders it."""
+    from openai_harmony import Conversation, DeveloperContent, Message, ReasoningEffort, Role, SystemContent
 
     from clinalign.preferences import build_pairs, factuality_pairs
     from harmony.vocab import load_encoding
@@ -195,8 +195,11 @@ def test_trl_renders_pairs_in_harmony_with_the_chat_template():
 
     conversation = Conversation.from_messages([
         Message.from_role_and_content(
-            Role.SYSTEM, SystemContent.new().with_conversation_start_date(datetime.date.today().isoformat())
-        ),  # harmony's default identity and reasoning effort (medium): the template's too
+            Role.SYSTEM,
+            SystemContent.new()
+            .with_reasoning_effort(ReasoningEffort.LOW)
+            .with_conversation_start_date(datetime.date.today().isoformat()),
+        ),  # harmony's default identity; reasoning low, the template's default and SFT's
         Message.from_role_and_content(Role.DEVELOPER, DeveloperContent.new().with_instructions(system["content"])),
         Message.from_role_and_content(Role.USER, user["content"]),
         Message.from_role_and_content(Role.ASSISTANT, chosen["content"]).with_channel("final"),
@@ -204,8 +207,9 @@ def test_trl_renders_pairs_in_harmony_with_the_chat_template():
     encoding = load_encoding()
     expected = encoding.decode(encoding.render_conversation_for_training(conversation))
     instructions = system["content"]
-    assert tokenizer.decode(full) == expected.replace(f"{instructions}<|end|>", f"{instructions}\n\n<|end|>")
-    assert "Reasoning: medium" in expected and "<|start|>developer<|message|># Instructions" in expected
+    assert tokenizer.decode(full) == expected and f"{instructions}<|end|>" in expected
+    assert full == encoding.render_conversation_for_training(conversation)
+    assert "Reasoning: low" in expected and "<|start|>developer<|message|># Instructions" in expected
     # The prompt TRL splits off is a prefix ending where the model starts; the completion is the final channel.
     assert full[: len(prompt)] == prompt and tokenizer.decode(prompt).endswith("<|end|><|start|>assistant")
     assert tokenizer.decode(full[len(prompt) :]) == f"<|channel|>final<|message|>{chosen['content']}<|return|>"
