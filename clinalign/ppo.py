@@ -30,6 +30,7 @@ from clinalign.models import (
     score_only_labelled_positions,
 )
 from clinalign.prompts import free_text_messages, prompt_messages
+from clinalign.resume import RunIdentity
 from clinalign.rewards import RewardModelReward, factuality_reward, load_reward_model, safety_reward
 
 
@@ -86,6 +87,10 @@ def build_ppo_trainer(ppo_args: PPOArgs, training_args: RLOOConfig, model_args, 
     """The RLOO trainer with PPO clipping, the reward functions and the KL controller attached."""
     if training_args.num_iterations < 2:
         raise ConfigError("num_iterations must be >= 2 so each batch gets several passes and PPO clipping acts")
+    if training_args.restore_callback_states_from_checkpoint:
+        # transformers would rebuild the callbacks without the trainer they act on; the KL controller
+        # restores its coefficient itself on resume.
+        raise ConfigError("restore_callback_states_from_checkpoint: leave it false; the KL controller restores itself")
     if training_args.beta <= 0:
         raise ConfigError("beta (the KL coefficient) must be > 0: the reference is what keeps the policy sane")
     score_only_labelled_positions()
@@ -123,7 +128,8 @@ def build_ppo_trainer(ppo_args: PPOArgs, training_args: RLOOConfig, model_args, 
     controller = None
     if ppo_args.kl_target is not None:
         controller = AdaptiveKLController(training_args.beta, ppo_args.kl_target, ppo_args.kl_horizon)
-    sequences_per_step = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
-    kl_callback = KLControlCallback(trainer, controller, sequences_per_step * training_args.world_size)
+    # generation_batch_size: the sequences of one generated batch, over all processes
+    kl_callback = KLControlCallback(trainer, controller, training_args.generation_batch_size)
     trainer.add_callback(kl_callback)
+    trainer.add_callback(RunIdentity("ppo", model_args.model_name_or_path))
     return trainer, kl_callback

@@ -30,6 +30,7 @@ from clinalign.models import (
     write_adapter_provenance,
 )
 from clinalign.preferences import read_pairs, split_pairs
+from clinalign.resume import RunIdentity, resume_checkpoint
 from clinalign.rewards import LengthGroupedRewardTrainer, restore_score_dtype, reward_backbone, score_responses
 
 
@@ -85,6 +86,7 @@ def reward_dataset(rows: list[dict], reasoning_effort: str = "low") -> Dataset:
 def main(script_args: RewardScriptArgs, training_args: RewardConfig, model_args: ModelArgs):
     if not model_args.use_peft:
         raise ConfigError("reward/train.py trains a LoRA reward model: set use_peft: true")
+    checkpoint = resume_checkpoint(training_args, "reward", model_args.model_name_or_path)
     rows = read_pairs(script_args.pairs)
     train_rows, eval_rows = split_pairs(rows, script_args.eval_fraction)
     if script_args.eval_pairs:
@@ -107,10 +109,12 @@ def main(script_args: RewardScriptArgs, training_args: RewardConfig, model_args:
     )
     quantize_after_lora(trainer.model, model_args)  # GPT-OSS 4-bit: experts, now that the LoRA is attached
     restore_score_dtype(trainer.model, load["dtype"])  # TRL made it bf16 for a 4-bit model
-    trainer.train()
+    trainer.add_callback(RunIdentity("reward", model_args.model_name_or_path))
+    trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(training_args.output_dir)
 
-    metrics = {"pairs": {"train": len(train_rows), "eval": len(eval_rows)}, "train": trainer.state.log_history}
+    metrics = {"pairs": {"train": len(train_rows), "eval": len(eval_rows)}, "resumed_from": checkpoint,
+               "train": trainer.state.log_history}
     if trainer.accelerator.is_main_process:
         model = trainer.accelerator.unwrap_model(trainer.model)
         model.eval()

@@ -24,10 +24,12 @@ from clinalign.data import load_records
 from clinalign.dpo import DPOArgs, build_dpo_trainer, dpo_pairs
 from clinalign.models import write_adapter_provenance
 from clinalign.policy_eval import evaluate_policy, held_out_records, held_out_safety_prompts
+from clinalign.resume import RunIdentity, resume_checkpoint
 from clinalign.rewards import load_reward_model
 
 
 def main(dpo_args: DPOArgs, training_args: DPOConfig, model_args: ModelArgs):
+    checkpoint = resume_checkpoint(training_args, "dpo", model_args.model_name_or_path)
     train_rows, eval_rows = dpo_pairs(dpo_args)
     records = held_out_records([r for f in dpo_args.eval_data for r in load_records(f).records], dpo_args.eval_fraction)
     records = [r for r in records if r.answer is not None][: dpo_args.eval_max_records]
@@ -38,6 +40,7 @@ def main(dpo_args: DPOArgs, training_args: DPOConfig, model_args: ModelArgs):
     if not records and not safety:
         raise ClinalignError("no held-out data to measure the policy on: set eval_data and/or safety_prompts")
     trainer = build_dpo_trainer(dpo_args, training_args, model_args, train_rows, eval_rows)
+    trainer.add_callback(RunIdentity("dpo", model_args.model_name_or_path))
     tokenizer = trainer.processing_class
     measure = dict(
         records=records, safety_prompts=safety, reward=reward, max_new_tokens=dpo_args.eval_max_new_tokens,
@@ -46,7 +49,7 @@ def main(dpo_args: DPOArgs, training_args: DPOConfig, model_args: ModelArgs):
     )
     before = evaluate_policy(trainer.model, tokenizer, kl=False, **measure)  # the policy is the reference: KL = 0
     # No preference eval before training: the policy is then the reference, so every implicit reward is 0.
-    trainer.train()
+    trainer.train(resume_from_checkpoint=checkpoint)
     after_pairs = trainer.evaluate() if eval_rows else {}
     # Training wrapped forward in the accelerator's autocast; measure "after" in the precision "before" used.
     trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
@@ -56,6 +59,7 @@ def main(dpo_args: DPOArgs, training_args: DPOConfig, model_args: ModelArgs):
 
     metrics = {
         "beta": training_args.beta,
+        "resumed_from": checkpoint,
         "pairs": {"train": len(train_rows), "eval": len(eval_rows)},
         "preference_eval": after_pairs,
         "held_out": {"before": before, "after": after},

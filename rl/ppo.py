@@ -28,17 +28,19 @@ from clinalign.models import write_adapter_provenance
 from clinalign.plots import training_curves
 from clinalign.ppo import PPOArgs, build_ppo_trainer, rl_prompts
 from clinalign.preferences import load_safety_prompts
+from clinalign.resume import resume_checkpoint
 
 CURVES = ["reward", "rewards/reward_model/mean", "rewards/factuality_reward/mean", "rewards/safety_reward/mean",
           "kl_per_sequence", "kl_coef", "entropy", "clip_ratio/region_mean", "completions/mean_length"]
 
 
 def main(ppo_args: PPOArgs, training_args: RLOOConfig, model_args: ModelArgs):
+    checkpoint = resume_checkpoint(training_args, "ppo", model_args.model_name_or_path)
     records = [r for source in ppo_args.data for r in load_records(source).records]
     safety = load_safety_prompts(ppo_args.safety_prompts) if ppo_args.safety_prompts else []
     prompts = rl_prompts(records, safety, ppo_args.eval_fraction, ppo_args.max_prompts)
     trainer, kl_callback = build_ppo_trainer(ppo_args, training_args, model_args, prompts)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(training_args.output_dir)
 
     if trainer.accelerator.is_main_process:
@@ -46,6 +48,7 @@ def main(ppo_args: PPOArgs, training_args: RLOOConfig, model_args: ModelArgs):
         history = trainer.state.log_history
         metrics = {
             "prompts": len(prompts),
+            "resumed_from": checkpoint,
             "final_kl_coef": trainer.beta,
             "kl_controller": kl_callback.history,
             "last_log": next((e for e in reversed(history) if "reward" in e), {}),

@@ -48,19 +48,70 @@ def test_controller_update(measured, expected):
     assert controller.update(measured, n_sequences=256) == pytest.approx(expected, rel=1e-12)
 
 
-def test_callback_sets_the_trainer_beta_from_the_logged_kl():
-    trainer = types.SimpleNamespace(beta=0.1)  # the callback only reads and writes `beta`
-    callback = KLControlCallback(trainer, AdaptiveKLController(0.1, target=1.0, horizon=8), sequences_per_step=4)
-    state = types.SimpleNamespace(global_step=1, log_history=[{}])
-    callback.on_log(None, state, None, logs={"kl": 0.1, "completions/mean_length": 20.0})  # 2 nats/seq > 1
-    assert trainer.beta == pytest.approx(0.1 * (1 + 0.2 * 4 / 8))
-    assert state.log_history[-1] == {"step": 1, "kl_per_sequence": pytest.approx(2.0), "kl_coef": 0.1}
-    callback.on_log(None, state, None, logs={"loss": 0.3})  # a log without KL changes nothing
-    assert len(callback.history) == 1
+def kl_trainer(beta: float):
+    """What the callback reads and writes on TRL's RLOOTrainer: `beta`, the metric buffer, `model.training`."""
+    from collections import defaultdict
 
-    fixed = types.SimpleNamespace(beta=0.05)
-    KLControlCallback(fixed, None, 4).on_log(None, state, None, logs={"kl": 1.0, "completions/mean_length": 9})
-    assert fixed.beta == 0.05  # controller off: a fixed coefficient
+    return types.SimpleNamespace(beta=beta, _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+                                 model=torch.nn.Linear(1, 1))
+
+
+def generated(trainer, kl_per_token: float, mean_length: float):
+    """One generated batch, as RLOOTrainer records it in its buffer."""
+    trainer._metrics["train"]["completions/mean_length"].append(mean_length)
+    trainer._metrics["train"]["kl"].append(kl_per_token)
+
+
+def test_callback_updates_beta_on_every_generated_batch_not_per_log_window():
+    """Ziegler's controller, hand-worked: target 1 nat/seq, horizon 8 sequences, 4 sequences per batch.
+
+    With logging_steps 3 a log window holds three batches; each moves beta (the old callback moved
+    it once per log, on the window's average, so three times slower than the horizon says).
+    """
+    trainer = kl_trainer(0.1)
+    callback = KLControlCallback(trainer, AdaptiveKLController(0.1, target=1.0, horizon=8), sequences_per_batch=4)
+    state = types.SimpleNamespace(global_step=0, log_history=[])
+    expected = 0.1
+    for step, (kl, length) in enumerate([(0.1, 20.0), (0.05, 22.0), (0.02, 20.0)], start=1):
+        generated(trainer, kl, length)  # 2.0 nats/seq (error +0.2), 1.1 (+0.1), 0.4 (-0.2)
+        state.global_step = step
+        callback.on_step_end(None, state, None)
+        expected *= 1 + min(max(kl * length / 1.0 - 1, -0.2), 0.2) * 4 / 8
+        assert trainer.beta == pytest.approx(expected, rel=1e-12)
+    assert trainer.beta == pytest.approx(0.1 * 1.1 * 1.05 * 0.9, rel=1e-12)
+    callback.on_step_end(None, state, None)  # a step that reused its batch (num_iterations > 1): no update
+    assert len(callback.history) == 3
+    # Each batch's per-sequence KL and the beta its rewards used join TRL's buffer, averaged at log time.
+    assert trainer._metrics["train"]["kl_per_sequence"] == pytest.approx([2.0, 1.1, 0.4])
+    assert trainer._metrics["train"]["kl_coef"] == pytest.approx([0.1, 0.11, 0.1155])
+
+    callback.on_log(None, state, None, logs={})
+    trainer._metrics["train"].clear()  # what TRL does right after on_log
+    generated(trainer, 0.1, 10.0)  # 1.0 nat/seq: on target
+    callback.on_step_end(None, state, None)
+    assert len(callback.history) == 4 and trainer.beta == pytest.approx(0.1 * 1.1 * 1.05 * 0.9)
+
+    fixed = kl_trainer(0.05)
+    off = KLControlCallback(fixed, None, 4)
+    generated(fixed, 1.0, 9.0)
+    off.on_step_end(None, state, None)
+    assert fixed.beta == 0.05 and off.history[0]["kl_per_sequence"] == 9.0  # controller off: a fixed coefficient
+
+
+def test_callback_state_round_trips_through_the_trainer_state():
+    from transformers import TrainerState
+
+    trainer = kl_trainer(0.1)
+    callback = KLControlCallback(trainer, AdaptiveKLController(0.1, target=1.0, horizon=8), sequences_per_batch=4)
+    generated(trainer, 0.1, 20.0)
+    callback.on_step_end(None, types.SimpleNamespace(global_step=1), None)
+    saved = TrainerState(stateful_callbacks=[callback]).stateful_callbacks  # what a checkpoint stores
+
+    resumed_trainer = kl_trainer(0.1)  # the configured start value
+    resumed = KLControlCallback(resumed_trainer, AdaptiveKLController(0.1, 1.0, 8), 4)
+    resumed.on_train_begin(None, types.SimpleNamespace(stateful_callbacks=saved), None)
+    assert resumed_trainer.beta == resumed.controller.coef == pytest.approx(0.11)
+    assert resumed.history == callback.history
 
 
 # ---- DPO ----------------------------------------------------------------------------------------
@@ -179,8 +230,8 @@ def test_dpo_script_reports_before_and_after(tmp_path, tiny_pairs, tiny_sft_adap
 
 def test_ppo_with_reward_model_rule_rewards_and_adaptive_kl(tmp_path, tiny_sft_adapter, tiny_reward_model):
     args = ["--config", str(REPO / "configs/rl/tiny_ppo.yaml"), "--sft_adapter", str(tiny_sft_adapter),
-            "--reward_model", str(tiny_reward_model), "--output_dir", str(tmp_path), "--max_steps", "2",
-            "--kl_target", "0.5", "--kl_horizon", "10"]
+            "--reward_model", str(tiny_reward_model), "--output_dir", str(tmp_path),
+            "--kl_target", "0.5", "--kl_horizon", "10", "--max_steps", "4", "--logging_steps", "4"]
     trainer = run_main("rl/ppo.py", *args)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     first = metrics["log_history"][0]
@@ -193,6 +244,12 @@ def test_ppo_with_reward_model_rule_rewards_and_adaptive_kl(tmp_path, tiny_sft_a
     # The controller acted on the measured KL: above target raises beta, below lowers it.
     direction = 1 if history[-1]["kl_per_sequence"] > 0.5 else -1
     assert (metrics["final_kl_coef"] - history[-1]["kl_coef"]) * direction > 0
+    # 4 steps, 2 passes per generated batch: 2 batches in one log window, and beta moved on each.
+    assert len(history) == 2 and len(metrics["log_history"]) >= 1
+    expected = 0.05
+    for batch in history:
+        expected *= 1 + min(max(batch["kl_per_sequence"] / 0.5 - 1, -0.2), 0.2) * trainer.args.generation_batch_size / 10
+    assert metrics["final_kl_coef"] == pytest.approx(expected, rel=1e-9)
     assert (tmp_path / "training_curves.png").stat().st_size > 0
     saved, sft = lora_tensors(tmp_path), lora_tensors(tiny_sft_adapter)
     assert any(not torch.equal(saved[k], sft[k]) for k in sft if k in saved), "PPO must update the policy"
