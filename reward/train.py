@@ -32,6 +32,7 @@ from clinalign.models import (
 from clinalign.preferences import read_pairs, split_pairs
 from clinalign.resume import RunIdentity, resume_checkpoint
 from clinalign.rewards import LengthGroupedRewardTrainer, restore_score_dtype, reward_backbone, score_responses
+from clinalign.tracking import log_measurements
 
 
 @dataclasses.dataclass
@@ -120,6 +121,7 @@ def main(script_args: RewardScriptArgs, training_args: RewardConfig, model_args:
         model.eval()
         effort = script_args.reasoning_effort
         metrics["eval"] = pairwise_accuracy(model, tokenizer, eval_rows, effort) if eval_rows else {}
+        log_measurements(trainer, {"pair_accuracy": metrics["eval"]}, "reward")  # to report_to's trackers
         tokenizer.save_pretrained(training_args.output_dir)
         write_adapter_provenance(
             training_args.output_dir, model_args.model_name_or_path, model, merged_adapter=script_args.sft_adapter,

@@ -26,6 +26,7 @@ from clinalign.models import write_adapter_provenance
 from clinalign.policy_eval import evaluate_policy, held_out_records, held_out_safety_prompts
 from clinalign.resume import RunIdentity, resume_checkpoint
 from clinalign.rewards import load_reward_model
+from clinalign.tracking import log_measurements
 
 
 def main(dpo_args: DPOArgs, training_args: DPOConfig, model_args: ModelArgs):
@@ -56,6 +57,8 @@ def main(dpo_args: DPOArgs, training_args: DPOConfig, model_args: ModelArgs):
     # KL to the reference DPO trained against: TRL's frozen copy of the SFT adapter ("ref"), no second model.
     after = evaluate_policy(trainer.model, tokenizer, reference="ref", **measure)
     trainer.save_model(training_args.output_dir)
+    # Beside the loss in every report_to tracker (eval/dpo/...), at the last step.
+    log_measurements(trainer, {"before": before, "after": after}, "dpo")
 
     metrics = {
         "beta": training_args.beta,

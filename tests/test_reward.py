@@ -6,6 +6,7 @@ import json
 import runpy
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -109,3 +110,23 @@ def test_pairs_are_grouped_by_their_padded_length(tiny_pairs, tmp_path):
 
     shuffled = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0)).tolist()
     assert padded(order) < padded(shuffled)
+
+
+def test_pair_accuracy_per_axis_reaches_tensorboard(tiny_pairs, tiny_heldout_pairs, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    entry = runpy.run_path(str(REPO / "reward" / "train.py"), run_name="rm_tensorboard")
+    args = ["--config", str(REPO / "configs/reward/tiny.yaml"), "--pairs", str(tiny_pairs), "--output_dir",
+            str(tmp_path), "--max_steps", "1", "--eval_pairs", str(tiny_heldout_pairs), "--report_to", "tensorboard"]
+    metrics = entry["main"](*entry["make_parser"]().parse(args))
+    values = {}
+    for folder in {p.parent for p in tmp_path.glob("runs/*/events.out.tfevents.*")}:
+        accumulator = EventAccumulator(str(folder))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            values[tag] = accumulator.Scalars(tag)[-1].value
+    assert "train/loss" in values
+    assert {"overall", "factuality"} <= set(metrics["eval"])
+    for axis in metrics["eval"]:
+        assert values[f"eval/reward/pair_accuracy/{axis}/accuracy"] == pytest.approx(metrics["eval"][axis]["accuracy"])
+        assert values[f"eval/reward/pair_accuracy/{axis}/n"] == metrics["eval"][axis]["n"]

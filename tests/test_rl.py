@@ -211,8 +211,30 @@ def test_dpo_pairs_split_by_question_and_cap_the_held_out_ones(tiny_pairs):
     assert capped == held[:2] and capped_train == train  # the cap never moves a pair into training
 
 
+def tensorboard_scalars(output_dir: Path) -> dict[str, list]:
+    """Every scalar tag the run's TensorBoard event files (output_dir/runs/...) hold, with its events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars = {}
+    for folder in {p.parent for p in output_dir.glob("runs/*/events.out.tfevents.*")}:
+        accumulator = EventAccumulator(str(folder))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend(accumulator.Scalars(tag))
+    return scalars
+
+
 def test_dpo_script_reports_before_and_after(tmp_path, tiny_pairs, tiny_sft_adapter):
-    metrics = run_main("rl/dpo.py", *dpo_args(tmp_path, tiny_pairs, tiny_sft_adapter))
+    metrics = run_main("rl/dpo.py", *dpo_args(tmp_path, tiny_pairs, tiny_sft_adapter), "--report_to", "tensorboard")
+    # clinalign's held-out measurements reach the tracker beside TRL's loss, at the last step.
+    scalars = tensorboard_scalars(tmp_path)
+    assert "train/loss" in scalars
+    for tag in ("eval/dpo/before/safety/safety_score", "eval/dpo/after/safety/safety_score",
+                "eval/dpo/after/overall/kl_k3", "eval/dpo/before/medmcqa/mc_acc", "eval/dpo/after/medmcqa/mc_acc"):
+        assert tag in scalars, sorted(scalars)
+    assert scalars["eval/dpo/after/overall/kl_k3"][-1].value == pytest.approx(
+        metrics["held_out"]["after"]["overall"]["kl_k3"], rel=1e-6)
+    assert scalars["eval/dpo/after/overall/kl_k3"][-1].step == 2
     before, after = metrics["held_out"]["before"], metrics["held_out"]["after"]
     assert 0 <= before["safety"]["safety_score"] <= 1 and 0 <= after["safety"]["safety_score"] <= 1
     assert after["overall"]["kl_k3"] >= 0 and "kl_k1" in after["overall"]

@@ -1,0 +1,31 @@
+"""clinalign's own measurements into the trainer's log, so every `report_to` tracker shows them.
+
+The Trainer's log reaches the log history (metrics.json) and every tracker callback (TensorBoard,
+W&B, ...) at the current global step, beside the loss. Held-out measurements are logged under the
+`eval_` prefix, which the trackers file under "eval/" (TensorBoard: eval/<stage>/<measurement>).
+"""
+
+from __future__ import annotations
+
+
+def flat_measurements(measurements: dict, prefix: str) -> dict[str, float]:
+    """The numeric leaves of a nested dict as {"eval_<prefix>/<key>/<key>": value} (text and lists are left out)."""
+    flat: dict[str, float] = {}
+
+    def walk(value, path: str) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(inner, f"{path}/{key}")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[path] = float(value)
+
+    walk(measurements, f"eval_{prefix}")
+    return flat
+
+
+def log_measurements(trainer, measurements: dict, prefix: str) -> dict[str, float]:
+    """Logs the numeric leaves of `measurements` through `trainer.log`; returns what was logged."""
+    flat = flat_measurements(measurements, prefix)
+    if flat:
+        trainer.log(dict(flat))
+    return flat
