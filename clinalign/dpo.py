@@ -32,8 +32,12 @@ class LengthGroupedDPOTrainer(PairLengthGrouping, DPOTrainer):
 @dataclasses.dataclass
 class DPOArgs:
     pairs: str = dataclasses.field(
-        default="runs/demo/pairs/pairs.jsonl", metadata={"help": "Preference pairs (reward/pairs.py output, TRL format)."}
+        default="runs/demo/pairs/pairs.jsonl",
+        metadata={"help": "Preference pairs: reward/pairs.py output, a data file or folder, or a hub dataset id "
+                          "(TRL's standard or conversational format, explicit or implicit prompt)."},
     )
+    pairs_config: str | None = dataclasses.field(default=None, metadata={"help": "Hub dataset config of `pairs`."})
+    pairs_split: str = dataclasses.field(default="train", metadata={"help": "Split of `pairs` (hub id or folder)."})
     pairs_eval_fraction: float = dataclasses.field(
         default=0.2, metadata={"help": "Share of pairs (by question) held out of training for preference accuracy."}
     )
@@ -71,7 +75,7 @@ class DPOArgs:
 
 def dpo_pairs(dpo_args: DPOArgs) -> tuple[list[dict], list[dict]]:
     """(train, held-out) pairs of `dpo_args.pairs`, split by question; at most `pairs_eval_max` held out."""
-    train_rows, eval_rows = split_pairs(read_pairs(dpo_args.pairs), dpo_args.pairs_eval_fraction)
+    train_rows, eval_rows = split_pairs(read_pairs(dpo_args.pairs, dpo_args.pairs_config, dpo_args.pairs_split), dpo_args.pairs_eval_fraction)
     return train_rows, eval_rows[: dpo_args.pairs_eval_max]
 
 

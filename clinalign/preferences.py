@@ -44,7 +44,7 @@ from typing import Any
 
 from clinalign.config import ClinalignError
 from clinalign.data.records import Record, is_held_out, normalize_text
-from clinalign.data.sources import InvalidJson, open_source
+from clinalign.data.sources import InvalidJson, open_source, read_hub
 from clinalign.factuality import score_factuality
 from clinalign.prompts import SAFETY_INSTRUCTIONS, answer_completion, free_text_messages, prompt_messages, question_text
 from clinalign.safety import SafetyChecks, check_safety, load_checks, prompt_trigger
@@ -550,17 +550,75 @@ def split_held_out(source: PairSource, eval_fraction: float) -> tuple[PairSource
     return PairSource(source.name, kept, skipped), PairSource(source.name, held, collections.Counter())
 
 
-def read_pairs(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a pairs file in TRL's preference format (reward/pairs.py output or any such JSONL)."""
-    path = Path(path)
+def _turns(value: Any, default_role: str) -> list[dict[str, str]] | None:
+    """A prompt or completion as chat messages (a plain string becomes one turn); None when unusable."""
+    if isinstance(value, str):
+        return [{"role": default_role, "content": value}] if value.strip() else None
+    if not isinstance(value, list) or not value:
+        return None
+    turns = []
+    for turn in value:
+        if not isinstance(turn, dict) or not isinstance(turn.get("role"), str) or not isinstance(turn.get("content"), str):
+            return None
+        turns.append(dict(turn))
+    return turns
+
+
+def preference_row(item: dict[str, Any]) -> dict[str, Any] | str:
+    """One pair in TRL's conversational format with an explicit prompt, or why it cannot be one.
+
+    Accepts TRL's standard (strings) and conversational (messages) preference formats, with an
+    explicit `prompt` or an implicit one (chosen and rejected share it as their first turns / their
+    common prefix: TRL's `maybe_extract_prompt` splits it off). Other keys (margin, group, axis) are kept.
+    """
+    from trl.data_utils import maybe_extract_prompt
+
+    if "chosen" not in item or "rejected" not in item:
+        return "no 'chosen' or no 'rejected'"
+    if item.get("prompt", "") is None:  # a null prompt column: the prompt is implicit
+        item = {k: v for k, v in item.items() if k != "prompt"}
+    try:
+        row = {**item, **maybe_extract_prompt({k: item[k] for k in ("prompt", "chosen", "rejected") if k in item})}
+    except (TypeError, KeyError, AttributeError, IndexError):  # e.g. a message that is not a dict
+        return "an unreadable 'prompt', 'chosen' or 'rejected'"
+    prompt, chosen, rejected = _turns(row["prompt"], "user"), _turns(row["chosen"], "assistant"), _turns(
+        row["rejected"], "assistant")
+    if prompt is None:
+        return "no prompt (neither a 'prompt' nor a first turn chosen and rejected share)"
+    if chosen is None or rejected is None:
+        return "an empty or malformed 'chosen' or 'rejected'"
+    return {**row, "prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def read_pairs(source: str | Path, config_name: str | None = None, split: str | None = "train") -> list[dict[str, Any]]:
+    """Preference pairs from a JSONL file (reward/pairs.py output), another data file, a folder of
+    data files, or a hub dataset id (`config_name`, `split`: as `datasets.load_dataset` takes them),
+    in any format `preference_row` accepts; returned in TRL's conversational format.
+
+    A JSONL file is read strictly (a bad line is an error naming it); a source whose first row has no
+    chosen/rejected is in no known preference format: a one-line error naming it.
+    """
+    path = Path(source).expanduser()
+    if path.is_file() and path.suffix.lower() == ".jsonl":
+        items = list(_jsonl_objects(path, "pairs file"))
+    else:
+        opened = read_hub(str(path), config_name, split) if path.is_dir() else open_source(str(source), split, config_name)
+        items = list(enumerate((row for batch in opened.batches for row in batch.rows), 1))
+    if not items:
+        raise ClinalignError(f"pairs file is empty: {source}")
+    first = items[0][1]
+    if not isinstance(first, dict) or "chosen" not in first or "rejected" not in first:
+        found = ", ".join(sorted(first)) if isinstance(first, dict) else type(first).__name__
+        raise ClinalignError(
+            f"pairs {source}: no known preference format (rows need 'chosen' and 'rejected', with a 'prompt' "
+            f"or a prompt both share); its first row has: {found}"
+        )
     rows = []
-    for number, row in _jsonl_objects(path, "pairs file"):
-        missing = [k for k in ("prompt", "chosen", "rejected") if k not in row]
-        if missing:
-            raise ClinalignError(f"{path}:{number}: a preference pair needs '{missing[0]}'")
+    for number, item in items:
+        row = preference_row(item) if isinstance(item, dict) else "not a JSON object"
+        if isinstance(row, str):
+            raise ClinalignError(f"{source}:{number}: not a usable preference pair: {row}")
         rows.append(row)
-    if not rows:
-        raise ClinalignError(f"pairs file is empty: {path}")
     return rows
 
 

@@ -193,7 +193,7 @@ def score_responses(
     model,
     tokenizer,
     prompts: Sequence[list[dict]],
-    responses: Sequence[str],
+    responses: Sequence[str | list[dict]],
     *,
     batch_size: int = 8,
     max_length=1024,
@@ -207,7 +207,9 @@ def score_responses(
     """
     texts = [
         tokenizer.apply_chat_template(
-            [*prompt, {"role": "assistant", "content": final_answer(response)}],
+            # a response: text, or a pair's completion turns (TRL's conversational format) as they are
+            [*prompt, *([{"role": "assistant", "content": final_answer(response)}]
+                        if isinstance(response, str) else response)],
             tokenize=False,
             reasoning_effort=reasoning_effort,
         )

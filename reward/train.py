@@ -38,8 +38,12 @@ from clinalign.tracking import log_measurements
 @dataclasses.dataclass
 class RewardScriptArgs:
     pairs: str = dataclasses.field(
-        default="runs/demo/pairs/pairs.jsonl", metadata={"help": "Preference pairs (reward/pairs.py output, TRL format)."}
+        default="runs/demo/pairs/pairs.jsonl",
+        metadata={"help": "Preference pairs: reward/pairs.py output, a data file or folder, or a hub dataset id "
+                          "(TRL's standard or conversational format, explicit or implicit prompt)."},
     )
+    pairs_config: str | None = dataclasses.field(default=None, metadata={"help": "Hub dataset config of `pairs`."})
+    pairs_split: str = dataclasses.field(default="train", metadata={"help": "Split of `pairs` (hub id or folder)."})
     sft_adapter: str | None = dataclasses.field(
         default=None, metadata={"help": "An SFT stage adapter merged into the backbone before reward training."}
     )
@@ -61,8 +65,9 @@ def pairwise_accuracy(model, tokenizer, rows: list[dict], reasoning_effort: str 
     """Share of held-out pairs where the chosen response out-scores the rejected one, overall and per axis."""
     prompts = [row["prompt"] for row in rows]
     score = dict(reasoning_effort=reasoning_effort)
-    chosen = score_responses(model, tokenizer, prompts, [row["chosen"][-1]["content"] for row in rows], **score)
-    rejected = score_responses(model, tokenizer, prompts, [row["rejected"][-1]["content"] for row in rows], **score)
+    # The completion turns as trained on (TRL's conversational format), not only the last turn's text.
+    chosen = score_responses(model, tokenizer, prompts, [row["chosen"] for row in rows], **score)
+    rejected = score_responses(model, tokenizer, prompts, [row["rejected"] for row in rows], **score)
     by_axis = defaultdict(list)
     for row, c, r in zip(rows, chosen, rejected, strict=True):
         by_axis["overall"].append(c > r)
@@ -88,7 +93,7 @@ def main(script_args: RewardScriptArgs, training_args: RewardConfig, model_args:
     if not model_args.use_peft:
         raise ConfigError("reward/train.py trains a LoRA reward model: set use_peft: true")
     checkpoint = resume_checkpoint(training_args, "reward", model_args.model_name_or_path)
-    rows = read_pairs(script_args.pairs)
+    rows = read_pairs(script_args.pairs, script_args.pairs_config, script_args.pairs_split)
     train_rows, eval_rows = split_pairs(rows, script_args.eval_fraction)
     if script_args.eval_pairs:
         eval_rows += read_pairs(script_args.eval_pairs)

@@ -285,3 +285,67 @@ def test_real_preference_files_parse(name):
     if name.startswith("safety_med"):
         # the refusal is preferred wherever the rules see a harmful request (measured: 93/100, 46/50, 9/9)
         assert report["kept"] >= 0.9 * count and report["by_axis"] == {"safety": report["kept"]}
+
+
+# ---- read_pairs: the `pairs` of reward/train.py and rl/dpo.py in TRL's preference formats -------------
+
+USER = [{"role": "user", "content": "Is aspirin an anticoagulant?"}]
+GOOD = [{"role": "assistant", "content": "No: it is an antiplatelet drug."}]
+BAD = [{"role": "assistant", "content": "Yes, exactly like warfarin."}]
+EXPECTED = {"prompt": USER, "chosen": GOOD, "rejected": BAD}
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        {"prompt": USER, "chosen": GOOD, "rejected": BAD},  # conversational, explicit prompt
+        {"chosen": USER + GOOD, "rejected": USER + BAD},  # conversational, implicit prompt
+        {"prompt": None, "chosen": USER + GOOD, "rejected": USER + BAD},  # a null prompt column: implicit
+        {"prompt": USER[0]["content"], "chosen": GOOD[0]["content"], "rejected": BAD[0]["content"]},  # standard
+    ],
+    ids=["conversational", "implicit", "null-prompt", "standard"],
+)
+def test_read_pairs_accepts_trl_preference_formats(tmp_path, row):
+    from clinalign.preferences import read_pairs
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({**row, "margin": 0.5}) + "\n")
+    (pair,) = read_pairs(path)
+    assert {k: pair[k] for k in EXPECTED} == EXPECTED and pair["margin"] == 0.5
+
+
+def test_read_pairs_implicit_plain_strings_and_other_files(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from clinalign.preferences import read_pairs
+
+    # Plain strings sharing a prefix: TRL's extract_prompt splits the longest common prefix off.
+    path = tmp_path / "plain.jsonl"
+    path.write_text(json.dumps({"chosen": "Q: aspirin? A: antiplatelet", "rejected": "Q: aspirin? A: anticoagulant"}) + "\n")
+    (pair,) = read_pairs(path)
+    assert pair["prompt"] == [{"role": "user", "content": "Q: aspirin? A: anti"}]
+    assert pair["chosen"] == [{"role": "assistant", "content": "platelet"}]
+
+    # A parquet file, and a folder of them (datasets.load_dataset on the folder).
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    pq.write_table(pa.Table.from_pylist([{"chosen": USER + GOOD, "rejected": USER + BAD}] * 3), folder / "train.parquet")
+    assert [{k: p[k] for k in EXPECTED} for p in read_pairs(folder / "train.parquet")] == [EXPECTED] * 3
+    assert len(read_pairs(folder)) == 3
+
+
+def test_read_pairs_refuses_unknown_formats_with_one_line(tmp_path):
+    from clinalign.preferences import read_pairs
+
+    unknown = tmp_path / "sft.jsonl"
+    unknown.write_text(json.dumps({"messages": USER + GOOD}) + "\n")
+    with pytest.raises(ClinalignError, match=f"pairs {unknown}: no known preference format .* has: messages$"):
+        read_pairs(unknown)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps(EXPECTED) + "\n" + json.dumps({"chosen": "abc", "rejected": "xyz"}) + "\n")
+    with pytest.raises(ClinalignError, match=f"{broken}:2: not a usable preference pair: no prompt"):
+        read_pairs(broken)
+    with pytest.raises(ClinalignError, match="pairs file is empty"):
+        (tmp_path / "empty.jsonl").write_text("\n")
+        read_pairs(tmp_path / "empty.jsonl")
