@@ -121,12 +121,14 @@ def main(script_args: RewardScriptArgs, training_args: RewardConfig, model_args:
 
     metrics = {"pairs": {"train": len(train_rows), "eval": len(eval_rows)}, "resumed_from": checkpoint,
                "train": trainer.state.log_history}
+    # Every process scores all held-out pairs (the same result on each): under ZeRO-3 every rank must
+    # take part in each forward pass, or the ranks holding the other parameter shards hang.
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    model.eval()
+    effort = script_args.reasoning_effort
+    metrics["eval"] = pairwise_accuracy(model, tokenizer, eval_rows, effort) if eval_rows else {}
+    log_measurements(trainer, {"pair_accuracy": metrics["eval"]}, "reward")  # to report_to's trackers
     if trainer.accelerator.is_main_process:
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        model.eval()
-        effort = script_args.reasoning_effort
-        metrics["eval"] = pairwise_accuracy(model, tokenizer, eval_rows, effort) if eval_rows else {}
-        log_measurements(trainer, {"pair_accuracy": metrics["eval"]}, "reward")  # to report_to's trackers
         tokenizer.save_pretrained(training_args.output_dir)
         write_adapter_provenance(
             training_args.output_dir, model_args.model_name_or_path, model, merged_adapter=script_args.sft_adapter,
