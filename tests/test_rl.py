@@ -253,8 +253,11 @@ def test_dpo_script_reports_before_and_after(tmp_path, tiny_pairs, tiny_sft_adap
 def test_ppo_with_reward_model_rule_rewards_and_adaptive_kl(tmp_path, tiny_sft_adapter, tiny_reward_model):
     args = ["--config", str(REPO / "configs/rl/tiny_ppo.yaml"), "--sft_adapter", str(tiny_sft_adapter),
             "--reward_model", str(tiny_reward_model), "--output_dir", str(tmp_path),
-            "--kl_target", "0.5", "--kl_horizon", "10", "--max_steps", "4", "--logging_steps", "4"]
+            "--kl_target", "0.5", "--kl_horizon", "10", "--max_steps", "4", "--logging_steps", "4",
+            "--report_to", "tensorboard"]
     trainer = run_main("rl/ppo.py", *args)
+    scalars = tensorboard_scalars(tmp_path)  # the controller's numbers reach the tracker beside TRL's
+    assert {"train/reward", "train/kl", "train/kl_coef", "train/kl_per_sequence"} <= set(scalars), sorted(scalars)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     first = metrics["log_history"][0]
     for component in ("reward_model", "factuality_reward", "safety_reward"):
@@ -272,6 +275,8 @@ def test_ppo_with_reward_model_rule_rewards_and_adaptive_kl(tmp_path, tiny_sft_a
     for batch in history:
         expected *= 1 + min(max(batch["kl_per_sequence"] / 0.5 - 1, -0.2), 0.2) * trainer.args.generation_batch_size / 10
     assert metrics["final_kl_coef"] == pytest.approx(expected, rel=1e-9)
+    # The logged kl_coef is the window's mean of the betas its batches were penalised with.
+    assert scalars["train/kl_coef"][-1].value == pytest.approx(sum(b["kl_coef"] for b in history) / 2, rel=1e-6)
     assert (tmp_path / "training_curves.png").stat().st_size > 0
     saved, sft = lora_tensors(tmp_path), lora_tensors(tiny_sft_adapter)
     assert any(not torch.equal(saved[k], sft[k]) for k in sft if k in saved), "PPO must update the policy"
