@@ -3,9 +3,10 @@
     accelerate launch --config_file configs/accelerate/cpu.yaml rl/dpo.py --config configs/rl/smollm2_dpo.yaml
     accelerate launch rl/dpo.py --config configs/rl/llama2-7b_dpo.yaml
     python rl/dpo.py --config configs/rl/tiny_dpo.yaml --beta 0.3
+    python rl/dpo.py --config configs/rl/tiny_dpo.yaml --resume_from_checkpoint true   # after a kill
 
-TRL's DPOTrainer on preference pairs (reward/pairs.py output, or any file in TRL's conversational
-preference format). The policy starts from the final SFT stage adapter; the reference is that same
+TRL's DPOTrainer on preference pairs: reward/pairs.py output, or any file, folder or hub dataset id
+(`pairs_config`, `pairs_split`) in TRL's standard or conversational format, explicit or implicit prompt. The policy starts from the final SFT stage adapter; the reference is that same
 SFT policy, frozen (TRL keeps a copy of the adapter as "ref": no second model). TRL logs
 rewards/chosen, rewards/rejected, rewards/margins and rewards/accuracies. Before and after training
 the script measures the policy on held-out data (clinalign.policy_eval): safety score on the safety
