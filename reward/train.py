@@ -3,7 +3,7 @@
     accelerate launch --config_file configs/accelerate/cpu.yaml reward/train.py --config configs/reward/smollm2_rm.yaml
     accelerate launch reward/train.py --config configs/reward/llama2-7b_rm.yaml
     python reward/train.py --config configs/reward/tiny.yaml
-    python reward/train.py --config configs/reward/tiny.yaml --resume_from_checkpoint true   # after a kill
+    accelerate launch reward/train.py --config configs/reward/llama2-7b_rm.yaml --resume_from_checkpoint true   # after a kill: the newest checkpoint
 
 TRL's RewardTrainer (Bradley-Terry: -log sigmoid(r_chosen - r_rejected - margin), plus reward
 centering) on a one-logit classification head over the base model, optionally with an SFT stage

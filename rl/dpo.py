@@ -3,7 +3,7 @@
     accelerate launch --config_file configs/accelerate/cpu.yaml rl/dpo.py --config configs/rl/smollm2_dpo.yaml
     accelerate launch rl/dpo.py --config configs/rl/llama2-7b_dpo.yaml
     python rl/dpo.py --config configs/rl/tiny_dpo.yaml --beta 0.3
-    python rl/dpo.py --config configs/rl/tiny_dpo.yaml --resume_from_checkpoint true   # after a kill
+    accelerate launch rl/dpo.py --config configs/rl/llama2-7b_dpo.yaml --resume_from_checkpoint true   # after a kill: the newest checkpoint
 
 TRL's DPOTrainer on preference pairs: reward/pairs.py output, or any file, folder or hub dataset id
 (`pairs_config`, `pairs_split`) in TRL's standard or conversational format, explicit or implicit prompt. The policy starts from the final SFT stage adapter; the reference is that same

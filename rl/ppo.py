@@ -3,7 +3,7 @@
     accelerate launch --config_file configs/accelerate/cpu.yaml rl/ppo.py --config configs/rl/smollm2_ppo.yaml
     accelerate launch rl/ppo.py --config configs/rl/llama2-7b_ppo.yaml
     python rl/ppo.py --config configs/rl/tiny_ppo.yaml
-    python rl/ppo.py --config configs/rl/tiny_ppo.yaml --resume_from_checkpoint true   # after a kill
+    accelerate launch rl/ppo.py --config configs/rl/llama2-7b_ppo.yaml --resume_from_checkpoint true   # after a kill: the newest checkpoint
 
 TRL 1.16 has no PPOTrainer. This script runs PPO's clipped surrogate objective through TRL's
 maintained RLOOTrainer: sampled groups of completions per prompt, the leave-one-out group baseline
