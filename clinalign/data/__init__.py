@@ -48,6 +48,7 @@ import dataclasses
 import gc
 import json
 import os
+import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,7 @@ from clinalign.config import ClinalignError
 from clinalign.data import medmcqa, medqa, pubmedqa
 from clinalign.data.choices import FAMILIES, Context, Schema, Skip, prompt_schema_for
 from clinalign.data.records import Record, normalize_text
-from clinalign.data.sources import Batch, InvalidJson, Source, dataset_batches, open_source
+from clinalign.data.sources import Batch, DuplicateId, InvalidJson, Source, dataset_batches, open_source
 
 __all__ = [
     "DATASETS",
@@ -125,21 +126,12 @@ def convert_file(
 ) -> dict[str, Any]:
     """Convert a file or hub id straight to a JSONL file (the CLI's `convert`); returns the report.
 
-    The same lines and report as `load_records` + `write_records`. A JSON-lines file of rows with
-    options in columns (MedMCQA's layout), written in canonical format, goes through `columnar`,
-    whole columns at a time and several times faster; any file that path cannot show it converts
-    identically goes record by record.
+    The same lines and report as `load_records` + `write_records`; `out` is checked before the input
+    is read, and written whole or not at all.
     """
     _check_dataset(dataset)
     _check_format(format)
-    path = Path(source).expanduser()
-    if format == "canonical" and path.suffix.lower() == ".jsonl" and path.is_file():
-        from clinalign.data import columnar  # imports pyarrow: only when it may be used
-
-        with _gc_paused():
-            converted = columnar.convert_jsonl(path, out, dataset, keep_unlabeled, split)
-        if converted is not None:
-            return converted.report
+    _check_out(out)
     result = load_records(source, dataset, keep_unlabeled, split, config_name)
     write_records(result.records, out, format)
     return result.report
@@ -258,6 +250,8 @@ INVALID_LINES = Schema("invalid JSON lines", _skip_as("invalid_json"))
 
 def _convert_one(row: Any, key: Any, position: int, ctx: Context, schemas: dict) -> tuple[Record | str, Schema]:
     if not isinstance(row, dict):
+        if isinstance(row, DuplicateId):
+            return "duplicate_id", INVALID_LINES
         return ("invalid_json", INVALID_LINES) if isinstance(row, InvalidJson) else ("not_an_object", NOT_OBJECTS)
     if "data" in row or "instances" in row:
         row = _unwrap(row)
@@ -462,7 +456,7 @@ def write_records(records: Iterable[Record], path: str | os.PathLike, format: st
 
     _check_format(format)
     encode = _json_encoder()
-    with _gc_paused():
+    with _gc_paused(), _nan_is_an_error():
         if format == "canonical":
             lines = [encode(vars(r)) for r in records]  # vars(): the fields in order, without asdict's deep copy
         elif format == "instruction":
@@ -472,11 +466,36 @@ def write_records(records: Iterable[Record], path: str | os.PathLike, format: st
                 encode(prompts.to_chat_example(r) if r.answer is not None else {"prompt": prompts.prompt_messages(r)})
                 for r in records
             ]
-    path = Path(path)
+    path = _check_out(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as out:
-        out.write("\n".join(lines) + ("\n" if lines else ""))
+    # A temporary file beside the output, renamed into place: a failed write leaves no truncated file.
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write("\n".join(lines) + ("\n" if lines else ""))
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
     return len(lines)
+
+
+@contextlib.contextmanager
+def _nan_is_an_error():
+    try:
+        yield
+    except ValueError as e:  # the encoder's "Out of range float values are not JSON compliant"
+        raise ClinalignError(f"cannot write strict JSON: {e} (a NaN or Infinity in a record's meta)") from None
+
+
+def _check_out(path: str | os.PathLike) -> Path:
+    path = Path(path).expanduser()
+    if path.is_dir() or str(path).endswith(os.sep):
+        raise ClinalignError(f"--out {path} is a folder: give the JSONL file to write")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise ClinalignError(f"--out {path}: {path.parent} is not a folder")
+    return path
 
 
 def _json_encoder() -> Callable[[Any], str]:
@@ -489,8 +508,10 @@ def _json_encoder() -> Callable[[Any], str]:
     from json import encoder
 
     if encoder.c_make_encoder is None:
-        return json.JSONEncoder(ensure_ascii=False, default=str).encode
-    make = encoder.c_make_encoder(None, str, encoder.c_encode_basestring, None, ": ", ", ", False, False, True)
+        return json.JSONEncoder(ensure_ascii=False, default=str, allow_nan=False).encode
+    # allow_nan False (the last argument): NaN/Infinity are not JSON; a float one from a parquet
+    # file's meta is an error naming it, never an unreadable output line.
+    make = encoder.c_make_encoder(None, str, encoder.c_encode_basestring, None, ": ", ", ", False, False, False)
     return lambda value: "".join(make(value, 0))
 
 

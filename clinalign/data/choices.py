@@ -62,8 +62,7 @@ class Context:
 class Schema:
     """One record layout: a name for the report and the function that converts such records.
 
-    `layout` is where the fields sit, for layouts a faster whole-file path also reads
-    (`medmcqa.ColumnLayout`, read by `columnar`); None for the others.
+    `layout` is where the fields sit (`medmcqa.ColumnLayout`); None for the others.
     """
 
     name: str

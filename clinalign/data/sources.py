@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import re
 from pathlib import Path
 from typing import Any
 
 from clinalign.config import ClinalignError
+from clinalign.jsonl import BadLine, loads, parse_line, split_lines
 
 SPLIT_NAMES = frozenset({"train", "dev", "validation", "valid", "val", "test", "eval"})
 # Wrapper fields whose value names the dataset ("name": "medmcqa", "dataset_name": "medqa_test.csv").
@@ -37,12 +37,9 @@ RECORD_KEYS = frozenset(
 )  # fmt: skip
 _HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
 FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
-_JSON_SPACE = " \t\r\n"
-_scan = json.JSONDecoder().scan_once
 
 
-class InvalidJson(str):
-    """A line of a JSON-lines file that is not JSON (kept so that the report counts it)."""
+InvalidJson = BadLine  # a line of a JSON-lines file that is not JSON (kept so that the report counts it)
 
 
 @dataclasses.dataclass
@@ -127,97 +124,108 @@ def _read_file(path: Path) -> Source:
     hints = [path.name.lower()]
     if suffix == ".parquet":
         return Source(str(path), [Batch(_read_parquet(path))], hints)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise ClinalignError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if suffix == ".csv":
-        return Source(str(path), [Batch(_read_csv(path, text))], hints)
+        return Source(str(path), [Batch(_read_csv(path))], hints)
+    raw = path.read_bytes()
     if suffix == ".jsonl":
-        data = _parse_json_lines(text)
+        data = _parse_json_lines(raw)
         if data is None:  # a .jsonl file holding one JSON document
-            data = _parse_json(text, path)
+            data = _parse_json(_text(raw, path), path)
     else:
-        data = _parse_json_text(text, path)
+        data = _parse_json_text(raw, path)
     batches: list[Batch] = []
     wrapper_names: list[str] = []
     _collect(data, batches, wrapper_names, split=None, top=True)
     return Source(str(path), batches, wrapper_names + hints)
 
 
-def _parse_json_lines(text: str) -> list[Any] | None:
-    """JSON lines; None when the first line is not JSON but the whole text is (one document)."""
+def _text(raw: bytes, path: Path) -> str:
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ClinalignError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _parse_json_lines(raw: bytes) -> list[Any] | None:
+    """JSON lines (`clinalign.jsonl`: a bad line stays as a `BadLine` row, counted as invalid_json);
+    None when the first line is not JSON but the whole file is one document."""
     rows = []
-    append = rows.append
-    first = True
-    for line in text.split("\n"):  # not splitlines(): U+2028 may sit unescaped inside a JSON string
-        if not line or line.isspace():
-            continue
-        row = parse_row(line)
-        if first and row.__class__ is InvalidJson and _is_json(text):
+    for number, line in split_lines(raw):
+        row = parse_line(line)
+        if not rows and isinstance(row, BadLine) and _is_json(raw):
             return None
-        append(row)
-        first = False
+        rows.append(row)
     return rows
 
 
-def parse_row(line: str) -> Any:
-    """One line of a JSON-lines file: its value, or the line as `InvalidJson` when it is not JSON."""
+def _is_json(raw: bytes) -> bool:
     try:
-        return _parse_line(line)
-    except (ValueError, StopIteration, RecursionError):
-        return InvalidJson(line)
-
-
-def _parse_line(line: str) -> Any:
-    """One JSON value, as `json.loads(line)` but through the decoder's scanner directly.
-
-    `json.loads` runs two whitespace regexes around the same scanner; skipping them is a fifth of
-    the read time for short records. Anything but a value alone on its line raises ValueError.
-    """
-    if line[0] in _JSON_SPACE or line[-1] in _JSON_SPACE:
-        return json.loads(line)
-    value, end = _scan(line, 0)
-    if end != len(line):
-        raise ValueError("extra data after the JSON value")
-    return value
-
-
-def _is_json(text: str) -> bool:
-    try:
-        json.loads(text)
+        loads(raw.decode("utf-8-sig"))
         return True
-    except (ValueError, RecursionError):
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return False
 
 
 def _parse_json(text: str, path: Path) -> Any:
     try:
-        return json.loads(text)
+        return loads(text, object_pairs_hook=_pairs)
     except RecursionError:
         raise ClinalignError(f"{path}: JSON nested too deeply to read") from None
     except ValueError as e:
-        raise ClinalignError(f"{path}: not valid JSON ({e})") from None
+        raise ClinalignError(f"{path}: not valid JSON ({str(e).splitlines()[0]})") from None
 
 
-def _parse_json_text(text: str, path: Path) -> Any:
+def _parse_json_text(raw: bytes, path: Path) -> Any:
     """A .json file: one JSON document, or JSON lines saved under a .json name."""
+    text = _text(raw, path)
     try:
-        return json.loads(text)
+        return loads(text, object_pairs_hook=_pairs)
     except (ValueError, RecursionError):
-        first = next((line for line in text.split("\n") if line.strip()), "")
-        if first and _is_json(first):
-            return _parse_json_lines(text)
+        first = next((line for _, line in split_lines(raw)), b"")
+        if first and not isinstance(parse_line(first), BadLine):
+            return _parse_json_lines(raw)
         return _parse_json(text, path)  # raises the one-line error
 
 
-def _read_csv(path: Path, text: str) -> list[dict[str, Any]]:
+class _Keyed(dict):
+    """A JSON object that repeated a key: `repeated` holds the values the later ones replaced."""
+
+    repeated: list[tuple[str, Any]]
+
+
+def _pairs(pairs: list[tuple[str, Any]]) -> dict:
+    """`object_pairs_hook`: a dict, keeping what a repeated key would silently drop (see `_collect`)."""
+    value = dict(pairs)
+    if len(value) == len(pairs):
+        return value
+    keyed = _Keyed(value)
+    seen: dict[str, int] = {}
+    keyed.repeated = []
+    for key, item in reversed(pairs):  # the last occurrence wins, as in json.loads
+        if key in seen:
+            keyed.repeated.append((key, item))
+        seen[key] = 1
+    return keyed
+
+
+class DuplicateId(BadLine):
+    """A row of an id-keyed file whose id repeats an earlier one (counted as `duplicate_id`)."""
+
+
+def _read_csv(path: Path) -> list[dict[str, Any]]:
+    # The csv module on the file object (newline=""), so a newline inside a quoted cell survives
+    # and an unterminated quote is an error rather than a row swallowing the rest of the file.
     try:
-        rows = list(csv.DictReader(text.splitlines()))
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            rows = list(csv.DictReader(f, strict=True))
+    except UnicodeDecodeError as e:
+        raise ClinalignError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except csv.Error as e:
         raise ClinalignError(f"{path}: not readable as CSV ({e})") from None
     for row in rows:
         row.pop("", None)  # the unnamed index column pandas writes
+        if None in row:  # more cells than the header names
+            raise ClinalignError(f"{path}: a row has more cells than the header ({len(row) - 1} columns)")
     return rows
 
 
@@ -248,7 +256,11 @@ def _collect(data: Any, batches: list[Batch], hints: list[str], split: str | Non
         return
     keyed = [v for v in values if is_record(v)]
     if len(keyed) * 2 >= len(values):  # a dict keyed by id: every value is a row, even a malformed one
-        batches.append(Batch(values, ids=[str(k) for k in data], split=split))
+        ids = [str(k) for k in data]
+        for key, _ in getattr(data, "repeated", ()):  # a repeated id: counted, never silently dropped
+            values.append(DuplicateId(f"duplicate id {key}"))
+            ids.append(str(key))
+        batches.append(Batch(values, ids=ids, split=split))
         return
     for key, value in data.items():
         if isinstance(value, list):

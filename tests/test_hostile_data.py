@@ -1,0 +1,69 @@
+"""Hostile input to the converters and the JSONL reader (issue 17 items 4, 6, 10): each a regression test."""
+
+import json
+
+from clinalign.data import load_records
+from clinalign.data.__main__ import main
+from clinalign.jsonl import BadLine, read_jsonl
+
+ROW = {"question": "Which nerve?", "opa": "ulnar", "opb": "radial", "opc": "median", "opd": "axillary", "cop": 1, "id": "q1"}
+
+
+def _line(**changes):
+    return json.dumps({**ROW, **changes})
+
+
+def test_read_jsonl_bom_u2028_and_bad_bytes_keep_line_numbers(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + '{"a": "x\u2028y"}\n'.encode() + b"\xff\xfe\n[1]\n{\"b\": NaN}\n{\"c\": 1}\n")
+    rows = list(read_jsonl(path, "test file"))
+    assert [n for n, _ in rows] == [1, 2, 3, 4, 5]
+    assert rows[0][1] == {"a": "x\u2028y"} and rows[4][1] == {"c": 1}
+    assert all(isinstance(v, BadLine) for _, v in rows[1:4])
+
+
+def test_lone_surrogate_is_replaced_and_output_is_written(tmp_path, capsys):
+    src = tmp_path / "medmcqa.jsonl"
+    src.write_text(_line(question="Which \\ud800 nerve?").replace("\\\\ud800", "\\ud800") + "\n" + _line(id="q2") + "\n")
+    out = tmp_path / "out.jsonl"
+    assert main(["convert", str(src), "--out", str(out)]) == 0
+    lines = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()]
+    assert len(lines) == 2 and "\ufffd" in lines[0]["question"]
+
+
+def test_nan_is_a_counted_skip_and_output_is_strict_json(tmp_path):
+    src = tmp_path / "medmcqa.jsonl"
+    src.write_text(_line().replace('"cop": 1', '"cop": NaN') + "\n" + _line(id="q2") + "\n")
+    report = load_records(src).report
+    assert report["read"] == 2 and report["kept"] == 1 and report["skipped"] == {"invalid_json": 1}
+
+
+def test_duplicate_key_in_id_keyed_json_is_counted(tmp_path):
+    record = {"QUESTION": "Is it?", "CONTEXTS": ["c"], "final_decision": "yes"}
+    body = json.dumps(record)
+    src = tmp_path / "pubmedqa.json"
+    src.write_text('{"111": %s, "222": %s, "111": %s}' % (body, body.replace("Is it?", "Is it really?"), body))
+    report = load_records(src).report
+    assert report["read"] == 3 and report["skipped"].get("duplicate_id") == 1
+
+
+def test_csv_quoted_newline_survives_and_unterminated_quote_is_an_error(tmp_path, capsys):
+    src = tmp_path / "medmcqa.csv"
+    src.write_text('question,opa,opb,opc,opd,cop\n"What is\nthe cause?",a,b,c,d,1\n')
+    records = load_records(src).records
+    assert records[0].question.startswith("What is") and "the cause" in records[0].question
+    assert "isthe" not in records[0].question
+    bad = tmp_path / "bad.csv"
+    bad.write_text('question,opa,opb,opc,opd,cop\n"Unterminated,a,b,c,d,1\nQ2,a,b,c,d,1\n')
+    assert main(["convert", str(bad), "--out", str(tmp_path / "o.jsonl")]) == 2
+    assert capsys.readouterr().err.startswith("error:")
+
+
+def test_out_is_a_folder_is_one_line_error_and_failed_run_leaves_no_file(tmp_path, capsys):
+    src = tmp_path / "medmcqa.jsonl"
+    src.write_text(_line() + "\n")
+    assert main(["convert", str(src), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and err.count("\n") == 1
+    assert main(["convert", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o.jsonl")]) == 2
+    assert not (tmp_path / "o.jsonl").exists()
