@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from clinalign.config import ClinalignError, Parser, run, write_json
 from clinalign.data.records import Record
+from clinalign.jsonl import BadLine, read_jsonl
 from clinalign.factuality import rouge_l, score_factuality
 from clinalign.rewards import completion_text, final_answer, load_reward_model, prompt_text, score_responses
 from clinalign.safety import check_safety, load_checks
@@ -46,14 +47,15 @@ class ScoreArgs:
 def as_messages(prompt) -> list[dict]:
     if isinstance(prompt, str):
         return [{"role": "user", "content": prompt}]
-    if isinstance(prompt, list) and all(isinstance(m, dict) and "content" in m for m in prompt):
+    if isinstance(prompt, list) and prompt and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt
+    ):
         return prompt
     raise ValueError("prompt must be a string or a list of chat messages")
 
 
-def parse_line(line: str) -> tuple[list[dict], dict[str, str], dict]:
-    """One input line -> (prompt messages, {side: response text}, the parsed object)."""
-    item = json.loads(line)
+def parse_line(item) -> tuple[list[dict], dict[str, str], dict]:
+    """One input line's object -> (prompt messages, {side: response text}, the object); ValueError if bad."""
     if not isinstance(item, dict):
         raise ValueError("a line must be a JSON object")
     if "prompt" not in item:
@@ -62,9 +64,23 @@ def parse_line(line: str) -> tuple[list[dict], dict[str, str], dict]:
     missing = [side for side in sides if side not in item]
     if missing:
         raise ValueError(f"missing '{missing[0]}' (need 'response', or 'chosen' and 'rejected')")
-    responses = {side: completion_text(item[side]) for side in sides}
+    responses = {}
+    for side in sides:
+        value = item[side]
+        if isinstance(value, list) and not all(
+            isinstance(m, dict) and isinstance(m.get("content"), str) for m in value
+        ):
+            raise ValueError(f"'{side}' must be a string or assistant messages with text content")
+        responses[side] = completion_text(value) if isinstance(value, (str, list)) else None
     if not all(isinstance(text, str) for text in responses.values()):
         raise ValueError("responses must be strings or assistant message lists")
+    if item.get("record") is not None:
+        if not isinstance(item["record"], dict):
+            raise ValueError("'record' must be a canonical record object")
+        try:
+            Record.from_dict(item["record"])
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"'record' is not a canonical record ({type(e).__name__}: {e})") from None
     return as_messages(item["prompt"]), responses, item
 
 
@@ -90,12 +106,12 @@ def main(args: ScoreArgs):
         model, tokenizer = load_reward_model(args.reward_model, dtype=args.dtype)
 
     parsed, bad_lines = [], []
-    for number, line in enumerate(Path(args.input).read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
+    for number, item in read_jsonl(args.input, "input file", objects=False):
         try:
-            parsed.append(parse_line(line))
-        except (ValueError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+            if isinstance(item, BadLine):
+                raise ValueError(item)
+            parsed.append(parse_line(item))
+        except (ValueError, TypeError) as e:
             bad_lines.append({"line": number, "error": str(e).splitlines()[0]})
             print(f"[score] {args.input}:{number}: skipped ({str(e).splitlines()[0]})")
 

@@ -67,3 +67,32 @@ def test_out_is_a_folder_is_one_line_error_and_failed_run_leaves_no_file(tmp_pat
     assert err.startswith("error:") and err.count("\n") == 1
     assert main(["convert", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o.jsonl")]) == 2
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_score_reader_skips_each_bad_line_with_its_number(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    lines = [
+        b'\xef\xbb\xbf{"prompt": "q", "response": "first"}',  # a BOM must not drop the first line
+        b'{"prompt": "q", "response": ["x"]}',
+        b'{"prompt": [{"role": "user", "content": 3}], "response": "a"}',
+        b'{"prompt": [{"content": "hi"}], "response": "a"}',
+        b'{"prompt": "q", "response": [{"role": "assistant", "content": null}]}',
+        b'{"prompt": "q", "response": "a", "record": "str"}',
+        ('{"prompt": "q", "response": "one\u2028line"}').encode(),
+        b"[" * 5000 + b"]" * 5000,
+        b"\xff",
+    ]
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b"\n".join(lines) + b"\n")
+    out = tmp_path / "out.jsonl"
+    script = Path(__file__).resolve().parents[1] / "reward" / "score.py"
+    done = subprocess.run([sys.executable, str(script), "--input", str(src), "--output", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(Path(f"{out}.summary.json").read_text())
+    assert summary["lines"] == 2 and summary["skipped"] == 7
+    assert [b["line"] for b in summary["skipped_lines"]] == [2, 3, 4, 5, 6, 8, 9]
+    assert [json.loads(x)["response"] for x in out.read_text(encoding="utf-8").split("\n") if x] == ["first", "one\u2028line"]
