@@ -340,18 +340,13 @@ def read_preference_file(path: str, single_response: str = "skip") -> PairSource
 
 
 def _jsonl_objects(path: Path, what: str):
-    """(line number, object) for each non-blank line of a strict JSONL file; a bad line is a one-line error."""
-    if not path.is_file():
-        raise ClinalignError(f"{what} not found: {path}")
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except ValueError:
-            raise ClinalignError(f"{path}:{number}: not valid JSON") from None
-        if not isinstance(item, dict):
-            raise ClinalignError(f"{path}:{number}: expected a JSON object")
+    """(line number, object) for each non-blank line of a strict JSONL file (`clinalign.jsonl`);
+    a bad line is a one-line error naming it."""
+    from clinalign.jsonl import BadLine, read_jsonl
+
+    for number, item in read_jsonl(path, what):
+        if isinstance(item, BadLine):
+            raise ClinalignError(f"{path}:{number}: {item}")
         yield number, item
 
 
