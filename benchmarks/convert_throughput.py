@@ -9,10 +9,9 @@ whitespace normalisation, 1 in 10 non-ASCII), writes them to a temporary JSONL f
 whole path (read, detect, convert, write canonical JSONL) side by side with baselines that produce
 the same records:
 
-- clinalign: `convert_file`, as the CLI's `convert` runs it (this file takes the columnar path,
-  `clinalign/data/columnar.py`);
-- per-record: `load_records` + `write_records`, the reference the columnar path must match byte
-  for byte (checked: "identical");
+- clinalign: `convert_file`, as the CLI's `convert` runs it (the per-record converter, written via
+  a temporary file and renamed);
+- per-record: `load_records` + `write_records`, which must give the same bytes (checked: "identical");
 - pandas: `pd.read_json(lines=True)`, a per-row converter that builds the `Record`, validates it
   with `Record.problems()` and writes `json.dumps(dataclasses.asdict(record))` per line;
 - datasets: `load_dataset("json")` + `Dataset.map` with the same per-row converter + `to_json`.
