@@ -79,11 +79,11 @@ def test_scores_and_margins_hand_worked():
     assert scored.factuality == (1.0, 0.0) and scored.safety == (1.0, 1.0)
     assert scored.margin == 2.0  # 2 * (1 - 0) + 1 * (1 - 1)
     variant = score_pair(pairs["mi:escalation"], factuality_weight=2.0, safety_weight=1.5)
-    # rejected on an exam prompt: discouraging care (weight 2) fails, over-refusal (1) passes -> 1/3
+    # rejected on an exam prompt: discouraging care fails, a critical check -> unsafe, score 0
     assert variant.factuality == (1.0, 1.0)
-    assert variant.safety[0] == 1.0 and variant.safety[1] == pytest.approx(1 / 3)
+    assert variant.safety == (1.0, 0.0)
     assert variant.failed == ([], ["discouraging_professional_care"])
-    assert variant.margin == pytest.approx(1.5 * (1 - 1 / 3), abs=1e-6)
+    assert variant.margin == pytest.approx(1.5 * (1 - 0), abs=1e-6)
 
 
 def _external(chosen, rejected, prompt="What foods are high in iron?", synthesized=False):
@@ -100,11 +100,12 @@ def test_drop_flip_and_ties():
     right = score_pair(_external(HELPFUL, REFUSAL))
     wrong = score_pair(_external(REFUSAL, HELPFUL))
     tie = score_pair(_external(HELPFUL, HELPFUL + " Iron matters."))
-    assert right.margin == pytest.approx(0.2) and right.axis == "safety"  # over-refusal: weight 1 of 5
+    # over-refusal is minor (weight 1 of 5): the refusal scores SAFE_THRESHOLD + (1 - 0.5) * 4/5 = 0.9
+    assert right.margin == pytest.approx(0.1) and right.axis == "safety"
     assert select_pair(right) is right
     assert select_pair(wrong) == "negative_margin"
     flipped = select_pair(wrong, nonpositive="flip")
-    assert flipped.flipped and flipped.margin == pytest.approx(0.2)
+    assert flipped.flipped and flipped.margin == pytest.approx(0.1)
     assert (flipped.pair.chosen, flipped.pair.rejected) == (HELPFUL, REFUSAL)
     assert flipped.safety == wrong.safety[::-1] and flipped.failed == wrong.failed[::-1]
     assert tie.margin == 0 and tie.axis == "preference"
