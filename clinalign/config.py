@@ -158,6 +158,9 @@ class Parser(TrlParser):
 
     def parse(self, args: Sequence[str] | None = None) -> tuple:
         args = list(sys.argv[1:] if args is None else args)
+        if "-h" in args or "--help" in args:  # the first thing a new user types: the options, exit 0
+            self.print_help()
+            raise SystemExit(0)
         valid = set(self._valid_keys())
         defaults = {k: v for k, v in _device_defaults().items() if k in valid}
         self.set_defaults(**defaults)
