@@ -206,6 +206,20 @@ class Parser(TrlParser):
             raise ConfigError(str(e).strip().splitlines()[0]) from None
 
 
+def eval_fraction_field() -> Any:
+    """The `eval_fraction` option of every stage: one default, one meaning (see records.EVAL_FRACTION)."""
+    from clinalign.data.records import EVAL_FRACTION
+
+    return dataclasses.field(
+        default=EVAL_FRACTION,
+        metadata={
+            "help": "The held-out share of records and safety prompts, by a hash of their ids: the same split in "
+            "every stage (SFT, pairs, DPO, PPO, eval), so none trains on what eval holds out. Change it everywhere "
+            "or nowhere."
+        },
+    )
+
+
 def to_plain(value: Any) -> Any:
     """A config value as plain YAML/JSON data (enums to their values, dataclasses to dicts)."""
     if isinstance(value, enum.Enum):

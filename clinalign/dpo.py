@@ -14,6 +14,7 @@ import dataclasses
 from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
+from clinalign.config import eval_fraction_field
 from clinalign.models import (
     ensure_pad_token,
     load_tokenizer,
@@ -53,9 +54,7 @@ class DPOArgs:
     safety_prompts: str | None = dataclasses.field(
         default="clinalign/sample_data/safety_prompts.jsonl", metadata={"help": "Safety prompt set (held-out part used)."}
     )
-    eval_fraction: float = dataclasses.field(
-        default=0.2, metadata={"help": "The held-out share of records and safety prompts (as in SFT, pairs and PPO)."}
-    )
+    eval_fraction: float = eval_fraction_field()
     eval_max_records: int = dataclasses.field(default=24, metadata={"help": "At most this many held-out questions."})
     eval_max_safety_prompts: int | None = dataclasses.field(
         default=None, metadata={"help": "At most this many held-out safety prompts (null: all)."}

@@ -19,7 +19,7 @@ import json
 from datasets import Dataset
 from trl import RLOOConfig, RLOOTrainer
 
-from clinalign.config import ConfigError
+from clinalign.config import ConfigError, eval_fraction_field
 from clinalign.data.records import Record, is_held_out
 from clinalign.kl_control import AdaptiveKLController, KLControlCallback
 from clinalign.models import (
@@ -42,9 +42,7 @@ class PPOArgs:
     safety_prompts: str | None = dataclasses.field(
         default="clinalign/sample_data/safety_prompts.jsonl", metadata={"help": "Safety prompt set (JSONL); none: null."}
     )
-    eval_fraction: float = dataclasses.field(
-        default=0.2, metadata={"help": "Share of records and safety prompts held out for eval (never trained on)."}
-    )
+    eval_fraction: float = eval_fraction_field()
     max_prompts: int = dataclasses.field(default=64, metadata={"help": "At most this many training prompts."})
     sft_adapter: str | None = dataclasses.field(
         default=None, metadata={"help": "The final SFT stage adapter: the policy starts from it and it is the reference."}

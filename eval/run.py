@@ -20,7 +20,15 @@ import dataclasses
 import gc
 from pathlib import Path
 
-from clinalign.config import ClinalignError, ConfigError, Parser, run, write_json, write_resolved_config
+from clinalign.config import (
+    ClinalignError,
+    ConfigError,
+    Parser,
+    eval_fraction_field,
+    run,
+    write_json,
+    write_resolved_config,
+)
 from clinalign.data import load_records
 from clinalign.models import load_policy, resolve_model
 from clinalign.plots import metric_bars
@@ -40,9 +48,7 @@ class EvalArgs:
     data: list[str] = dataclasses.field(
         default_factory=list, metadata={"help": "Question files or hub ids (any converter input); their held-out part."}
     )
-    eval_fraction: float = dataclasses.field(
-        default=0.2, metadata={"help": "The held-out share every stage leaves out (records and safety prompts)."}
-    )
+    eval_fraction: float = eval_fraction_field()
     max_records_per_dataset: int | None = dataclasses.field(
         default=None, metadata={"help": "At most this many held-out questions per dataset (null: all)."}
     )

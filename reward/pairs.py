@@ -27,7 +27,15 @@ import dataclasses
 import json
 from pathlib import Path
 
-from clinalign.config import ClinalignError, Parser, run, to_plain, write_json, write_resolved_config
+from clinalign.config import (
+    ClinalignError,
+    Parser,
+    eval_fraction_field,
+    run,
+    to_plain,
+    write_json,
+    write_resolved_config,
+)
 from clinalign.data import load_records
 from clinalign.preferences import build_pairs, factuality_pairs, read_preference_file, split_held_out
 from clinalign.safety import load_checks
@@ -83,11 +91,7 @@ class PairsArgs:
         default=None, metadata={"help": "Safety checks YAML (default: the shipped clinalign/safety_checks.yaml)."}
     )
     seed: int = dataclasses.field(default=42, metadata={"help": "Seed for drawing wrong options (per record id)."})
-    eval_fraction: float = dataclasses.field(
-        default=0.2,
-        metadata={"help": "Share of records and safety prompts held out for eval (the split every stage uses): "
-                  "their pairs go to heldout.jsonl, not pairs.jsonl."},
-    )
+    eval_fraction: float = eval_fraction_field()
 
 
 def make_parser() -> Parser:

@@ -23,8 +23,8 @@ from tqdm import tqdm
 
 from clinalign.config import ClinalignError, Parser, run, write_json
 from clinalign.data.records import Record
-from clinalign.jsonl import BadLine, read_jsonl
 from clinalign.factuality import rouge_l, score_factuality
+from clinalign.jsonl import BadLine, read_jsonl
 from clinalign.rewards import completion_text, final_answer, load_reward_model, prompt_text, score_responses
 from clinalign.safety import check_safety, load_checks
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from accelerate.utils import broadcast_object_list
 from trl import SFTConfig
 
-from clinalign.config import ConfigError, ModelArgs, Parser, run, write_json, write_resolved_config
+from clinalign.config import ConfigError, ModelArgs, Parser, eval_fraction_field, run, write_json, write_resolved_config
 from clinalign.data import load_records
 from clinalign.models import (
     ensure_pad_token,
@@ -54,9 +54,7 @@ class SFTScriptArgs:
     stages: list[str] | None = dataclasses.field(
         default=None, metadata={"help": "Run only these stages (by name); each starts from the stage before it."}
     )
-    eval_fraction: float = dataclasses.field(
-        default=0.1, metadata={"help": "Share of a stage's records held out for eval when it names no eval_data."}
-    )
+    eval_fraction: float = eval_fraction_field()
     eval_max_records: int = dataclasses.field(
         default=64, metadata={"help": "At most this many held-out records for the multiple-choice accuracy check."}
     )

@@ -7,7 +7,6 @@ import runpy
 import sys
 
 import pytest
-
 from conftest import REPO
 
 SCRIPTS = {

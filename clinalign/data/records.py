@@ -83,6 +83,12 @@ class Record:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
+# The held-out share every stage leaves out (records by source:id, safety prompts by id). Declared here
+# once: every config's `eval_fraction` defaults to it (clinalign.config.eval_fraction_field), so on
+# defaults no stage trains on what another holds out.
+EVAL_FRACTION = 0.2
+
+
 def is_held_out(key: str, fraction: float) -> bool:
     """A deterministic split, stable across runs and machines: the key's hash, read as a number in [0, 1),
     falls below `fraction`. Every stage splits with this (records by source:id, safety prompts by id), so

@@ -150,7 +150,7 @@ def _parse_json_lines(raw: bytes) -> list[Any] | None:
     """JSON lines (`clinalign.jsonl`: a bad line stays as a `BadLine` row, counted as invalid_json);
     None when the first line is not JSON but the whole file is one document."""
     rows = []
-    for number, line in split_lines(raw):
+    for _number, line in split_lines(raw):
         row = parse_line(line)
         if not rows and isinstance(row, BadLine) and _is_json(raw):
             return None
