@@ -58,3 +58,18 @@ def test_on_defaults_sft_trains_on_nothing_eval_holds_out(defaults):
     safety = load_safety_prompts()
     held_safety = held_out_safety_prompts(None, defaults["eval"])
     assert 0 < len(held_safety) < len(safety)
+
+
+def test_the_configs_of_one_model_hold_out_one_split():
+    import yaml
+
+    by_model: dict[str, dict[str, float]] = {}
+    for path in sorted((REPO / "configs").glob("*/*.yaml")):
+        if path.parent.name in ("accelerate", "reward") or path.name.startswith("tiny"):
+            continue  # reward configs' eval_fraction splits pairs, not records; tiny configs are tests'
+        config = yaml.safe_load(path.read_text()) or {}
+        model = path.stem.split("_")[0]
+        by_model.setdefault(model, {})[str(path.relative_to(REPO))] = config.get("eval_fraction", EVAL_FRACTION)
+    assert {"smollm2", "llama2-7b", "gpt-oss-20b"} <= set(by_model)
+    for model, fractions in by_model.items():
+        assert len(set(fractions.values())) == 1, (model, fractions)
