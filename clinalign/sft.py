@@ -16,7 +16,6 @@ import dataclasses
 import inspect
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from trl import SFTTrainer
 from clinalign.config import ConfigError
 from clinalign.data.records import Record, is_held_out
 from clinalign.prompts import to_chat_example
+from clinalign.run_dir import remove_inside, safe_name
 from clinalign.sampling import BucketedLengthSampler
 
 COMPLETE_MARKER = "COMPLETE"
@@ -61,13 +61,23 @@ class Stage:
         if missing:
             raise ConfigError(f"{where} needs '{missing[0]}'")
         stage = cls(**raw)
-        if not isinstance(stage.max_steps, int) or not isinstance(stage.num_train_epochs, (int, float)):
+        safe_name(stage.name, f"{where} name")
+        if not isinstance(stage.max_steps, int) or isinstance(stage.max_steps, bool) or not isinstance(
+            stage.num_train_epochs, (int, float)
+        ):
             raise ConfigError(f"{where}: max_steps must be an int and num_train_epochs a number")
+        # 0 or negative would train nothing (or one step) yet publish an adapter marked COMPLETE.
+        if stage.max_steps != -1 and stage.max_steps < 1:
+            raise ConfigError(f"{where}: max_steps must be -1 (use epochs) or at least 1, got {stage.max_steps}")
+        if stage.max_steps == -1 and not stage.num_train_epochs > 0:
+            raise ConfigError(f"{where}: num_train_epochs must be above 0, got {stage.num_train_epochs}")
         return stage
 
 
 def parse_curriculum(raw: list[Any], selected: list[str] | None) -> list[tuple[int, Stage]]:
     """Validate the curriculum and pick the stages to run, as (1-based position, Stage) pairs."""
+    if not isinstance(raw, list):
+        raise ConfigError(f"curriculum must be a list of stages (name, data), got {type(raw).__name__}")
     if not raw:
         raise ConfigError("curriculum is empty: list at least one stage (name, data)")
     stages = [Stage.parse(i, s) for i, s in enumerate(raw)]
@@ -99,7 +109,7 @@ def publish_stage(tmp_dir: Path, final_dir: Path) -> None:
     The rename is atomic, so `final_dir` either does not exist or holds the whole adapter; the marker
     is written last, so a folder without it (a crash between the two) is redone on resume.
     """
-    shutil.rmtree(final_dir, ignore_errors=True)
+    remove_inside(final_dir, Path(tmp_dir).parent) if Path(final_dir).exists() else None
     os.replace(tmp_dir, final_dir)
     (final_dir / COMPLETE_MARKER).write_text("adapter, tokenizer, metrics and config fully written\n")
 
@@ -122,7 +132,7 @@ def last_complete_checkpoint(folder: Path) -> str | None:
             json.loads((checkpoint / "trainer_state.json").read_text())
             return str(checkpoint)
         except (OSError, ValueError):
-            shutil.rmtree(checkpoint, ignore_errors=True)
+            remove_inside(checkpoint, folder)
     return None
 
 

@@ -17,10 +17,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
 from pathlib import Path
 
 from accelerate.utils import broadcast_object_list
+from transformers import set_seed
 from trl import SFTConfig
 
 from clinalign.config import ConfigError, ModelArgs, Parser, eval_fraction_field, run, write_json, write_resolved_config
@@ -32,6 +32,7 @@ from clinalign.models import (
     quantize_after_lora,
     write_adapter_provenance,
 )
+from clinalign.run_dir import remove_inside
 from clinalign.sft import (
     PlainLossSFTTrainer,
     checkpoint_dir,
@@ -106,6 +107,9 @@ def main(script_args: SFTScriptArgs, training_args: SFTConfig, model_args: Model
         eval_records = eval_records[: script_args.eval_max_records]
 
         previous = _previous_adapter(output_dir, all_stages, position)
+        # Seed before the LoRA weights exist: the Trainer seeds only after they are initialised, so two
+        # identical runs used to start from different adapters.
+        set_seed(training_args.seed)
         model = load_trainable_policy(model_args, previous, training_args.gradient_checkpointing)
         chat_format = script_args.chat_format
         if chat_format == "auto":
@@ -163,7 +167,7 @@ def main(script_args: SFTScriptArgs, training_args: SFTConfig, model_args: Model
             write_resolved_config(tmp_dir, script_args, args, model_args)
             publish_stage(tmp_dir, final_dir)
             if not script_args.keep_checkpoints:
-                shutil.rmtree(args.output_dir, ignore_errors=True)
+                remove_inside(args.output_dir, output_dir)
         trainer.accelerator.wait_for_everyone()
         summary.append(metrics)
         print(f"[sft] stage {position}-{stage.name}: adapter saved to {final_dir}")
