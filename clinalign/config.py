@@ -147,7 +147,9 @@ class Parser(TrlParser):
         if not Path(path).is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            config = yaml.safe_load(Path(path).read_text())
+            config = yaml.load(Path(path).read_bytes().decode("utf-8"), Loader=_StrictLoader)
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start})") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
         if config is None:
@@ -172,8 +174,6 @@ class Parser(TrlParser):
             self.config_path = args[i + 1]
             del args[i : i + 2]
             config = self._load_yaml(self.config_path)
-            for key, value in (config.pop("env", None) or {}).items():
-                os.environ[key] = str(value)
             for key, value in config.items():
                 if key not in valid:
                     raise self._unknown(key, f"in {self.config_path}")
@@ -201,9 +201,12 @@ class Parser(TrlParser):
                     raise self._unknown(key, "on the command line")
                 self.explicit_keys.add(key)
         try:
-            return tuple(self.parse_args_into_dataclasses(args=args, look_for_args_file=False))
+            parsed = tuple(self.parse_args_into_dataclasses(args=args, look_for_args_file=False))
         except (ValueError, TypeError) as e:  # a dataclass __post_init__ rejected a value
             raise ConfigError(str(e).strip().splitlines()[0]) from None
+        for config in parsed:
+            _check_ranges(config)
+        return parsed
 
 
 def eval_fraction_field() -> Any:
@@ -218,6 +221,69 @@ def eval_fraction_field() -> Any:
             "or nowhere."
         },
     )
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML itself keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (line {key_node.start_mark.line + 1})", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+# The numeric ranges of every stage's options, in one table: (low, low inclusive, high, high inclusive).
+# A value outside is a one-line error naming the key (it used to be a traceback deep in a trainer, or
+# worse, accepted: a negative epoch count published an untrained adapter).
+_RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
+    "learning_rate": (0, False, None, False),
+    "lora_r": (1, True, None, False),
+    "lora_alpha": (0, False, None, False),
+    "lora_dropout": (0, True, 1, False),
+    "per_device_train_batch_size": (1, True, None, False),
+    "per_device_eval_batch_size": (1, True, None, False),
+    "gradient_accumulation_steps": (1, True, None, False),
+    "num_train_epochs": (0, False, None, False),
+    "beta": (0, False, None, False),
+    "eval_fraction": (0, True, 1, False),
+    "pairs_eval_fraction": (0, True, 1, False),
+    "warmup_ratio": (0, True, 1, True),
+    "weight_decay": (0, True, None, False),
+    "max_grad_norm": (0, True, None, False),
+    "temperature": (0, False, None, False),
+    "num_generations": (1, True, None, False),
+    "max_new_tokens": (1, True, None, False),
+    "factuality_weight": (0, True, None, False),
+    "safety_weight": (0, True, None, False),
+}
+
+
+def _check_ranges(config: Any) -> None:
+    if not dataclasses.is_dataclass(config):
+        return
+    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}
+    for key, (low, low_in, high, high_in) in _RANGES.items():
+        value = values.get(key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        if (low is not None and (value < low or (value == low and not low_in))) or (
+            high is not None and (value > high or (value == high and not high_in))
+        ):
+            left, right = ("[" if low_in else "("), ("]" if high_in else ")")
+            bounds = f"{left}{low if low is not None else '-inf'}, {high if high is not None else 'inf'}{right}"
+            raise ConfigError(f"config key '{key}' must be in {bounds}, got {value}")
+    steps = values.get("max_steps")
+    if isinstance(steps, int) and not isinstance(steps, bool) and steps != -1 and steps < 1:
+        raise ConfigError(f"config key 'max_steps' must be -1 (use epochs) or at least 1, got {steps}")
+    output_dir = values.get("output_dir")
+    if isinstance(output_dir, str) and output_dir and Path(output_dir).exists() and not Path(output_dir).is_dir():
+        raise ConfigError(f"config key 'output_dir': {output_dir} is a file, not a folder")
 
 
 def to_plain(value: Any) -> Any:

@@ -106,3 +106,79 @@ def test_seed_makes_sft_reproducible(tmp_path):
     assert first.keys() == second.keys() and any("lora_A" in k for k in first)
     for key in first:
         torch.testing.assert_close(first[key], second[key], rtol=0, atol=0, msg=key)
+
+
+# ---- config values: every numeric option range-checked in the one parser --------------------------------
+
+_ENTRY: dict[str, dict] = {}
+
+
+def _parser(script="sft/run.py"):
+    if script not in _ENTRY:
+        _ENTRY[script] = runpy.run_path(str(REPO / script), run_name=f"parser_{script.replace('/', '_')}")
+    return _ENTRY[script]["make_parser"]()
+
+
+def _parse_yaml(tmp_path, text: str | bytes, script="sft/run.py", *extra):
+    path = tmp_path / "config.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return _parser(script).parse(["--config", str(path), *extra])
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("learning_rate: -0.001", "'learning_rate' must be in (0, inf)"),
+        ("lora_r: 0", "'lora_r' must be in [1, inf)"),
+        ("per_device_train_batch_size: 0", "'per_device_train_batch_size' must be in [1, inf)"),
+        ("max_steps: 0", "'max_steps' must be -1"),
+        ("max_steps: -3", "'max_steps' must be -1"),
+        ("num_train_epochs: -1", "'num_train_epochs' must be in (0, inf)"),
+        ("eval_fraction: 1.5", "'eval_fraction' must be in [0, 1)"),
+        ("env: {LD_PRELOAD: /tmp/x.so}", "unknown config key 'env'"),
+    ],
+)
+def test_out_of_range_values_are_one_line_errors(tmp_path, line, message):
+    with pytest.raises(ConfigError) as error:
+        _parse_yaml(tmp_path, f"model_name_or_path: tiny-llama\n{line}\n")
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_dpo_beta_must_be_positive(tmp_path):
+    with pytest.raises(ConfigError, match="'beta' must be in"):
+        _parse_yaml(tmp_path, "beta: -1\n", "rl/dpo.py")
+
+
+def test_duplicate_keys_non_utf8_and_a_file_as_output_dir(tmp_path):
+    with pytest.raises(ConfigError, match="duplicate key 'lora_r'"):
+        _parse_yaml(tmp_path, "lora_r: 4\nlora_r: 8\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        _parse_yaml(tmp_path, b"lora_r: 4\n# caf\xe9\n")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        _parse_yaml(tmp_path, f"output_dir: {afile}\n")
+
+
+def test_the_parser_never_raises_anything_but_a_one_line_config_error(tmp_path):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    keys = ["learning_rate", "lora_r", "max_steps", "num_train_epochs", "eval_fraction", "curriculum", "seed",
+            "per_device_train_batch_size", "dtype", "lora_target_modules", "output_dir", "bogus_key", "bf16"]  # fmt: skip
+    values = st.one_of(
+        st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True), st.text(max_size=20),
+        st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
+    )  # fmt: skip
+
+    @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.dictionaries(st.sampled_from(keys), values, max_size=5))
+    def check(mapping):
+        path = tmp_path / "fuzz.yaml"
+        path.write_text(yaml.safe_dump(mapping))
+        try:
+            _parser().parse(["--config", str(path), "--output_dir", str(tmp_path / "out")])
+        except ConfigError as e:
+            assert str(e) and "\n" not in str(e).strip()
+
+    check()
