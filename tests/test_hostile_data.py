@@ -42,7 +42,8 @@ def test_duplicate_key_in_id_keyed_json_is_counted(tmp_path):
     record = {"QUESTION": "Is it?", "CONTEXTS": ["c"], "final_decision": "yes"}
     body = json.dumps(record)
     src = tmp_path / "pubmedqa.json"
-    src.write_text('{"111": %s, "222": %s, "111": %s}' % (body, body.replace("Is it?", "Is it really?"), body))
+    other = body.replace("Is it?", "Is it really?")
+    src.write_text(f'{{"111": {body}, "222": {other}, "111": {body}}}')
     report = load_records(src).report
     assert report["read"] == 3 and report["skipped"].get("duplicate_id") == 1
 
