@@ -464,11 +464,21 @@ def check_adapter_base(adapter_dir: str | Path, base_name: str, model) -> None:
     """Refuse an adapter trained on another base model (same shapes would otherwise load silently)."""
     path = Path(adapter_dir) / PROVENANCE_FILE
     if not path.is_file():
-        return
-    recorded = json.loads(path.read_text())
-    if recorded["fingerprint"] != base_fingerprint(model):
+        # Without it an adapter from another base of the same shapes would load silently.
+        if os.environ.get("CLINALIGN_ALLOW_UNVERIFIED_ADAPTER") == "1":
+            return
         raise ClinalignError(
-            f"adapter {adapter_dir} was trained on base model '{recorded['base']}', "
+            f"adapter {adapter_dir} has no {PROVENANCE_FILE}, so its base model cannot be checked: train it "
+            "with clinalign, or set CLINALIGN_ALLOW_UNVERIFIED_ADAPTER=1 to load it unverified"
+        )
+    try:
+        recorded = json.loads(path.read_text())
+        fingerprint, recorded_base = recorded["fingerprint"], recorded.get("base", "?")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+        raise ClinalignError(f"{path} is unreadable or has no 'fingerprint': re-save the adapter") from None
+    if fingerprint != base_fingerprint(model):
+        raise ClinalignError(
+            f"adapter {adapter_dir} was trained on base model '{recorded_base}', "
             f"not on '{base_name}': load it with the base it was trained on"
         )
 

@@ -182,3 +182,38 @@ def test_the_parser_never_raises_anything_but_a_one_line_config_error(tmp_path):
             assert str(e) and "\n" not in str(e).strip()
 
     check()
+
+
+# ---- adapter provenance: required, and read without tracebacks ---------------------------------------------
+
+
+@pytest.fixture()
+def unverified_adapter(tmp_path, tiny_sft_adapter):
+    import shutil
+
+    copy = tmp_path / "adapter"
+    shutil.copytree(tiny_sft_adapter, copy)
+    return copy
+
+
+def test_an_adapter_without_provenance_is_refused_unless_overridden(unverified_adapter, monkeypatch):
+    from clinalign.config import ClinalignError
+    from clinalign.models import PROVENANCE_FILE, load_policy
+
+    (unverified_adapter / PROVENANCE_FILE).unlink()
+    monkeypatch.delenv("CLINALIGN_ALLOW_UNVERIFIED_ADAPTER", raising=False)
+    with pytest.raises(ClinalignError, match="cannot be checked"):
+        load_policy("tiny-llama", unverified_adapter)
+    monkeypatch.setenv("CLINALIGN_ALLOW_UNVERIFIED_ADAPTER", "1")
+    model, _ = load_policy("tiny-llama", unverified_adapter)
+    assert model is not None
+
+
+@pytest.mark.parametrize("content", ['{"base": "tiny-llama", "finger', '{"base": "tiny-llama"}', "[1, 2]", "\xff"])
+def test_a_truncated_or_keyless_provenance_is_a_one_line_error(unverified_adapter, content):
+    from clinalign.config import ClinalignError
+    from clinalign.models import PROVENANCE_FILE, load_policy
+
+    (unverified_adapter / PROVENANCE_FILE).write_text(content)
+    with pytest.raises(ClinalignError, match="unreadable or has no 'fingerprint'"):
+        load_policy("tiny-llama", unverified_adapter)
