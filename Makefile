@@ -46,8 +46,8 @@ demo: $(STAMP)
 	$(LAUNCH) sft/run.py --config configs/sft/smollm2_lora.yaml
 	$(BIN)/python reward/pairs.py --config configs/reward/pairs.yaml
 	$(LAUNCH) reward/train.py --config configs/reward/smollm2_rm.yaml
+	# One full DPO run per beta; the chosen one (runs/demo/tune_kl/chosen) is the demo's DPO, not retrained.
 	$(BIN)/python rl/tune_kl.py --config configs/rl/smollm2_tune_kl.yaml
-	$(LAUNCH) rl/dpo.py --config $(RUN)/tune_kl/chosen_dpo.yaml
 	$(LAUNCH) rl/ppo.py --config configs/rl/smollm2_ppo.yaml
 	$(BIN)/python eval/run.py --config configs/eval/smollm2.yaml
 

@@ -1,10 +1,12 @@
-"""Agreement of the safety checks with the team's clinician-style cases, per category and overall, with
-Wilson 95% intervals (scipy), critical misses and speed.
+"""Agreement of the safety checks with the team's clinician-style cases, each file on its own: per category and
+overall, with Wilson 95% intervals (scipy), critical misses (unsafe cases judged safe) and speed.
 
-    python benchmarks/safety_agreement.py [tests/clinician_cases_unseen.jsonl ...]
+    python benchmarks/safety_agreement.py                 # both files: tests/clinician_cases.jsonl (seen while
+                                                          # writing the rules) and tests/clinician_cases_unseen.jsonl
+    python benchmarks/safety_agreement.py FILE [FILE ...] # these files
 
-A case agrees when the verdict (SafetyResult.safe) matches and every check it names fired. A critical
-miss is an unsafe case judged safe.
+A case agrees when the verdict (SafetyResult.safe) matches and every check it names fired
+(`clinalign.safety.agrees_with_case`).
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from pathlib import Path
 
 from scipy.stats import binomtest
 
-from clinalign.safety import check_safety, load_checks
+from clinalign.safety import agrees_with_case, load_checks, load_knowledge
 
-DEFAULT = [Path(__file__).resolve().parents[1] / "tests" / "clinician_cases_unseen.jsonl"]
+TESTS = Path(__file__).resolve().parents[1] / "tests"
+DEFAULT = [TESTS / "clinician_cases.jsonl", TESTS / "clinician_cases_unseen.jsonl"]
 
 
 def _ci(k: int, n: int) -> str:
@@ -27,21 +30,22 @@ def _ci(k: int, n: int) -> str:
     return f"{k}/{n} = {k / n:.1%} [{low:.1%}, {high:.1%}]"
 
 
-def main(paths: list[Path]) -> None:
-    checks = load_checks()
-    per, misses, start, total = defaultdict(lambda: [0, 0]), [], time.perf_counter(), 0
-    for path in paths:
-        for line in path.read_text().splitlines():
-            case = json.loads(line)
-            result = check_safety(case["response"], case["prompt"], checks)
-            agree = result.safe == (case["verdict"] == "safe") and set(case["fires"]) <= set(result.failed)
-            per[case["category"]][0] += agree
-            per[case["category"]][1] += 1
-            total += 1
-            if case["verdict"] == "unsafe" and result.safe:
-                misses.append(case["id"])
-            if not agree:
-                print(f"disagree {case['id']}: expected {case['verdict']} {case['fires']}, got {result.failed}")
+def report(path: Path, checks) -> tuple[int, int, list[str]]:
+    per, misses, total = defaultdict(lambda: [0, 0]), [], 0
+    start = time.perf_counter()
+    print(f"== {path.name}")
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        case = json.loads(line)
+        agree, result = agrees_with_case(case, checks)
+        per[case["category"]][0] += agree
+        per[case["category"]][1] += 1
+        total += 1
+        if case["verdict"] == "unsafe" and result.safe:
+            misses.append(case["id"])
+        if not agree:
+            print(f"disagree {case['id']}: expected {case['verdict']} {case['fires']}, got {result.failed}")
     elapsed = time.perf_counter() - start
     for category, (k, n) in sorted(per.items()):
         print(f"{category:16s} {_ci(k, n)}")
@@ -49,6 +53,14 @@ def main(paths: list[Path]) -> None:
     print(f"{'overall':16s} {_ci(k, n)}")
     print(f"critical misses: {len(misses)} {misses}")
     print(f"speed: {total / elapsed:.0f} cases/s")
+    return k, n, misses
+
+
+def main(paths: list[Path]) -> None:
+    checks = load_checks()
+    print(f"clinical knowledge version {load_knowledge().version}")
+    for path in paths:
+        report(path, checks)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ traceback. Precedence: dataclass default < device default (see `_device_defaults
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import enum
@@ -264,10 +265,25 @@ _RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
 }
 
 
+# Options TRL's ModelConfig declares that clinalign does not honour: refused unless left at their
+# default, so the strict parser never accepts what the toolkit would ignore.
+_REFUSED: dict[str, tuple[Any, str]] = {
+    "model_revision": (
+        "main",
+        "clinalign loads a hub id's default revision; to pin one, download it "
+        "(hf download ID --revision REV --local-dir DIR) and name the folder as model_name_or_path",
+    ),
+    "trust_remote_code": (False, "clinalign loads only architectures built into transformers, never a repository's code"),
+}
+
+
 def _check_ranges(config: Any) -> None:
     if not dataclasses.is_dataclass(config):
         return
     values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}
+    for key, (default, why) in _REFUSED.items():
+        if key in values and values[key] not in (default, None):
+            raise ConfigError(f"config key '{key}': {values[key]!r} is not supported ({why})")
     for key, (low, low_in, high, high_in) in _RANGES.items():
         value = values.get(key)
         if not isinstance(value, (int, float)) or isinstance(value, bool):
@@ -329,9 +345,15 @@ def write_json(path: str | Path, data: Any) -> Path:
 
 
 def run(main: Callable[..., Any], parser: Parser, args: Sequence[str] | None = None) -> Any:
-    """Parse, call `main(*configs)`, and turn a `ClinalignError` into one line on stderr + exit 2."""
+    """Parse, call `main(*configs)` holding the run's `output_dir` (one run per folder: a second one is
+    refused, naming the first's pid), and turn a `ClinalignError` into one line on stderr + exit 2."""
+    from clinalign.run_dir import output_dir_lock
+
     try:
-        return main(*parser.parse(args))
+        configs = parser.parse(args)
+        output_dirs = [c.output_dir for c in configs if isinstance(getattr(c, "output_dir", None), str) and c.output_dir]
+        with output_dir_lock(output_dirs[0]) if output_dirs else contextlib.nullcontext():
+            return main(*configs)
     except ClinalignError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

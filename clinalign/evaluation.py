@@ -12,6 +12,11 @@
 - `kl_to_reference`: KL(model || reference) per sequence on sampled responses, with the k1 and k3
   estimators (http://joschu.net/blog/kl-approx.html); `kl_estimators` is the pure part.
 
+Per-item values, for intervals and paired comparisons (clinalign.stats): `answer_items` (per record:
+correct, exact match, no answer, ROUGE-L, and sentence BLEU via `sacrebleu.sentence_bleu`: corpus
+BLEU stays the point estimate, sentence BLEU is what a paired comparison of two models pairs) and
+`kl_to_reference`'s `per_prompt` (the k1 / k3 of each prompt's samples).
+
 Log-likelihood multiple-choice accuracy (lm-eval's protocol) lives in `clinalign.mc_eval`.
 """
 
@@ -215,6 +220,61 @@ def text_overlap(predictions: Sequence[str], references: Sequence[str]) -> dict[
     return {"rougeL": sum(rouge) / len(rouge), "bleu": bleu.score, "n": len(rouge)}
 
 
+def corpus_bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """sacrebleu's corpus BLEU (0-100) of predictions against one reference each."""
+    import sacrebleu
+
+    return sacrebleu.corpus_bleu(list(predictions), [list(references)]).score
+
+
+def text_overlap_items(predictions: Sequence[str], references: Sequence[str]) -> dict[str, list[float]]:
+    """Per pair: ROUGE-L F1 (as `text_overlap`) and sentence BLEU (`sacrebleu.sentence_bleu`, 0-100)."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    if len(predictions) != len(references):
+        raise ClinalignError(f"{len(predictions)} predictions but {len(references)} references")
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return {
+        "rougeL": [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)],
+        "bleu": [sacrebleu.sentence_bleu(pred, [ref]).score for pred, ref in zip(predictions, references)],
+    }
+
+
+def answer_items(records: Sequence[Record], responses: Sequence[str]) -> dict[str, list]:
+    """One value per record for each metric of `answer_metrics` (None where it does not apply).
+
+    `gen_acc` / `exact_match`: bool for labeled records, None otherwise; `no_answer`: bool;
+    `rougeL` / `bleu` (sentence BLEU): float for records with a reference explanation, None otherwise;
+    `explanation` / `reference`: the generated and reference explanation texts (None where no reference).
+    """
+    from clinalign.factuality import extract_answer  # written alongside; imported when used
+
+    if len(records) != len(responses):
+        raise ClinalignError(f"{len(records)} records but {len(responses)} responses")
+
+    def first_line(text: str) -> str:
+        return normalize_text(text.strip().split("\n", 1)[0]).casefold()
+
+    extracted = [extract_answer(response, record.choices) for record, response in zip(records, responses)]
+    explained = [i for i, r in enumerate(records) if r.explanation]
+    hypotheses = [response_explanation(responses[i]) for i in explained]
+    overlap = text_overlap_items(hypotheses, [records[i].explanation for i in explained])
+    items: dict[str, list] = {
+        "gen_acc": [None if r.answer is None else e == r.answer for r, e in zip(records, extracted)],
+        "exact_match": [None if r.answer is None else first_line(resp) == first_line(answer_line(r))
+                        for r, resp in zip(records, responses)],
+        "no_answer": [e is None for e in extracted],
+        "answer": extracted,
+    }
+    for key in ("rougeL", "bleu", "explanation", "reference"):
+        items[key] = [None] * len(records)
+    for j, i in enumerate(explained):
+        items["rougeL"][i], items["bleu"][i] = overlap["rougeL"][j], overlap["bleu"][j]
+        items["explanation"][i], items["reference"][i] = hypotheses[j], records[i].explanation
+    return items
+
+
 def answer_metrics(records: Sequence[Record], responses: Sequence[str]) -> dict[str, float | int | None]:
     """Metrics of generated responses against their records.
 
@@ -226,30 +286,22 @@ def answer_metrics(records: Sequence[Record], responses: Sequence[str]) -> dict[
     - `rougeL`, `bleu`: the generated explanations against the `n_explained` records that have a
       reference explanation (None when none has).
     """
-    from clinalign.factuality import extract_answer  # written alongside; imported when used
+    items = answer_items(records, responses)
 
-    if len(records) != len(responses):
-        raise ClinalignError(f"{len(records)} records but {len(responses)} responses")
-    extracted = [extract_answer(response, record.choices) for record, response in zip(records, responses)]
-    labeled = [(r, resp, e) for r, resp, e in zip(records, responses, extracted) if r.answer is not None]
-    n = len(labeled)
+    def share(flags: list) -> float | None:
+        known = [f for f in flags if f is not None]
+        return sum(known) / len(known) if known else None
 
-    def first_line(text: str) -> str:
-        return normalize_text(text.strip().split("\n", 1)[0]).casefold()
-
-    explained = [(r, resp) for r, resp in zip(records, responses) if r.explanation]
-    overlap = (
-        text_overlap([response_explanation(resp) for _, resp in explained], [r.explanation for r, _ in explained])
-        if explained
-        else {"rougeL": None, "bleu": None}
-    )
+    explained = [i for i, e in enumerate(items["reference"]) if e is not None]
+    n = sum(r.answer is not None for r in records)
     return {
-        "acc": sum(e == r.answer for r, _, e in labeled) / n if n else None,
-        "exact_match": sum(first_line(resp) == first_line(answer_line(r)) for r, resp, _ in labeled) / n if n else None,
-        "no_answer": sum(e is None for e in extracted) / len(extracted) if extracted else None,
+        "acc": share(items["gen_acc"]),
+        "exact_match": share(items["exact_match"]),
+        "no_answer": share(items["no_answer"]),
         "n": n,
-        "rougeL": overlap["rougeL"],
-        "bleu": overlap["bleu"],
+        "rougeL": sum(items["rougeL"][i] for i in explained) / len(explained) if explained else None,
+        "bleu": corpus_bleu([items["explanation"][i] for i in explained], [items["reference"][i] for i in explained])
+        if explained else None,
         "n_explained": len(explained),
     }
 
@@ -330,7 +382,8 @@ def kl_to_reference(
 
     `reference` is another model sharing the tokenizer, None for the same PeftModel with its
     adapters disabled, or the name of another adapter of that PeftModel (TRL's frozen "ref"). Returns the mean over sequences of the k1 and k3 sums (nats per sequence),
-    the number of sequences `n` and their mean response length in tokens. Prompts and stop tokens are
+    the number of sequences `n` and their mean response length in tokens, and `per_prompt` (k1 and k3 per
+    prompt, averaged over its samples, in the order of `messages_list`: what a paired comparison pairs). Prompts and stop tokens are
     the model's own format (`prompt_ids`: harmony with `reasoning_effort` for GPT-OSS); for harmony
     the whole sampled turn counts (analysis and final channels).
     """
@@ -341,7 +394,7 @@ def kl_to_reference(
     prompts = prompt_ids(model, tokenizer, messages_list, reasoning_effort=reasoning_effort)
     device = next(model.parameters()).device
     eos_ids = _eos_ids(model, tokenizer)
-    k1_all, k3_all, lengths = [], [], []
+    k1_all, k3_all, lengths, owners = [], [], [], []
     batches = _batches(prompts, batch_size)
     with _eval_mode(model), torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -376,10 +429,16 @@ def kl_to_reference(
             k1_all += k1.tolist()
             k3_all += k3.tolist()
             lengths += response_mask.sum(-1).tolist()
+            owners += [i for i in batch for _ in range(num_samples)]  # generate() repeats each prompt in place
     n = len(k1_all)
+    per_prompt = {"kl_k1": [[] for _ in prompts], "kl_k3": [[] for _ in prompts]}
+    for owner, k1, k3 in zip(owners, k1_all, k3_all):
+        per_prompt["kl_k1"][owner].append(k1)
+        per_prompt["kl_k3"][owner].append(k3)
     return {
         "kl_k1": sum(k1_all) / n,
         "kl_k3": sum(k3_all) / n,
         "n": n,
         "mean_response_tokens": sum(lengths) / n,
+        "per_prompt": {key: [sum(v) / len(v) for v in values] for key, values in per_prompt.items()},
     }

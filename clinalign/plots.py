@@ -27,13 +27,15 @@ def training_curves(log_history: list[dict], keys: Sequence[str], path: str | Pa
 
 
 def kl_frontier(points: list[dict], objective: str, path: str | Path, budget: float | None, chosen=None) -> Path:
-    """KL to the reference (x) against the objective (y), one labelled point per coefficient."""
+    """KL to the reference (x) against the objective (y), one labelled point per coefficient, with the
+    95% intervals of both as error bars (`point["kl"]`, `point[objective]`: interval dicts)."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for point in points:
         color = "tab:red" if chosen is not None and point["beta"] == chosen else "tab:blue"
-        ax.scatter(point["kl"], point[objective], color=color)
-        ax.annotate(f"beta={point['beta']:g}", (point["kl"], point[objective]), fontsize=8, xytext=(4, 4),
-                    textcoords="offset points")
+        x, y = point["kl"], point[objective]
+        ax.errorbar(x["value"], y["value"], xerr=_err(x), yerr=_err(y), fmt="o", color=color, capsize=3)
+        ax.annotate(f"beta={point['beta']:g}", (x["value"], y["value"]), fontsize=8, xytext=(4, 4),
+                    textcoords="offset points")  # fmt: skip
     if budget is not None:
         ax.axvline(budget, linestyle="--", color="gray", label=f"KL budget {budget:g}")
         ax.legend(fontsize=8)
@@ -44,13 +46,26 @@ def kl_frontier(points: list[dict], objective: str, path: str | Path, budget: fl
     return _save(fig, path)
 
 
-def metric_bars(rows: dict[str, dict[str, float | None]], metrics: Sequence[str], path: str | Path, title: str) -> Path:
-    """Grouped bars: one group per metric, one bar per model."""
+def _err(interval: dict) -> list[list[float]] | None:
+    """matplotlib's asymmetric error of an interval dict, or None without bounds."""
+    if interval.get("low") is None or interval.get("high") is None:
+        return None
+    return [[interval["value"] - interval["low"]], [interval["high"] - interval["value"]]]
+
+
+def metric_bars(rows: dict[str, dict[str, dict]], metrics: Sequence[str], path: str | Path, title: str) -> Path:
+    """Grouped bars: one group per metric, one bar per model, with its 95% interval as an error bar.
+
+    `rows[model][metric]` is an interval dict (value, low, high), as clinalign.stats.Interval.as_dict().
+    """
     names = list(rows)
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.6), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
-        values = [rows[n].get(metric) for n in names]
-        ax.bar(range(len(names)), [v if v is not None else 0 for v in values], color="tab:blue")
+        cells = [rows[n].get(metric) or {} for n in names]
+        values = [c.get("value") if c.get("value") is not None else 0 for c in cells]
+        below = [v - c["low"] if c.get("low") is not None else 0 for v, c in zip(values, cells)]
+        above = [c["high"] - v if c.get("high") is not None else 0 for v, c in zip(values, cells)]
+        ax.bar(range(len(names)), values, color="tab:blue", yerr=[below, above], capsize=3, ecolor="black")
         ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
         ax.set_title(metric, fontsize=9)
         ax.grid(axis="y", alpha=0.3)

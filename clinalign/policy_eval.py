@@ -21,15 +21,24 @@ no answer: raise max_new_tokens or lower the reasoning effort when it is high).
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 from clinalign.data.records import Record, is_held_out
-from clinalign.evaluation import Generation, answer_metrics, generate, kl_to_reference, uses_harmony
+from clinalign.evaluation import (
+    Generation,
+    answer_items,
+    answer_metrics,
+    corpus_bleu,
+    generate,
+    kl_to_reference,
+    uses_harmony,
+)
 from clinalign.mc_eval import mc_accuracy, score_multiple_choice
 from clinalign.preferences import SafetyPrompt, load_safety_prompts
 from clinalign.prompts import free_text_messages, prompt_messages
 from clinalign.rewards import score_responses
 from clinalign.safety import check_safety
+from clinalign.stats import bootstrap_mean, bootstrap_statistic, proportion
 
 
 def held_out_records(records: list[Record], eval_fraction: float) -> list[Record]:
@@ -43,23 +52,48 @@ def held_out_safety_prompts(path: str | None, eval_fraction: float) -> list[Safe
 
 def safety_metrics(prompts: list[SafetyPrompt], responses: list[str]) -> dict:
     """Mean safety score, each check's pass rate (where it applied) and the over-refusal rate."""
-    scores, applied, passed = [], defaultdict(int), defaultdict(int)
-    over_refusals = benign = 0
+    return _safety(prompts, responses)[0]
+
+
+def _safety(prompts: list[SafetyPrompt], responses: list[str]) -> tuple[dict, dict[str, dict]]:
+    """`safety_metrics` and its per-prompt values: {metric: {"safety:ID": value}} (over-refusal on benign only)."""
+    scores, applied, passed = {}, defaultdict(int), defaultdict(int)
+    over_refusals: dict[str, bool] = {}
     for prompt, response in zip(prompts, responses, strict=True):
         # A benign control forces the over-refusal check; other prompts are judged by their own triggers.
         result = check_safety(response, prompt=prompt.prompt, benign=True if prompt.benign else None)
-        scores.append(result.score)
+        key = f"safety:{prompt.id}"
+        scores[key] = result.score
         for outcome in result.checks:
             applied[outcome.name] += 1
             passed[outcome.name] += outcome.passed
         if prompt.benign:
-            benign += 1
-            over_refusals += "over_refusal" in result.failed
-    return {
-        "safety_score": sum(scores) / len(scores) if scores else None,
+            over_refusals[key] = "over_refusal" in result.failed
+    metrics = {
+        "safety_score": sum(scores.values()) / len(scores) if scores else None,
         "check_pass_rate": {name: passed[name] / applied[name] for name in sorted(applied)},
-        "over_refusal_rate": over_refusals / benign if benign else None,
+        "over_refusal_rate": sum(over_refusals.values()) / len(over_refusals) if over_refusals else None,
         "n": len(prompts),
+    }
+    return metrics, {"safety_score": scores, "over_refusal_rate": over_refusals}
+
+
+def letter_bias(predictions) -> dict:
+    """Predicted vs gold label distribution of multiple-choice answers, and the modal prediction's share.
+
+    A model that answers "A" to everything can look better than chance on a skewed split; the gold
+    distribution beside the predicted one, and `modal_share` beside `gold_modal_share`, show it.
+    """
+    labeled = [p for p in predictions if p.gold is not None]
+    predicted, gold = Counter(p.pred for p in labeled), Counter(p.gold for p in labeled)
+    n = len(labeled)
+    return {
+        "predicted": dict(sorted(predicted.items())),
+        "gold": dict(sorted(gold.items())),
+        "modal": predicted.most_common(1)[0][0] if n else None,
+        "modal_share": predicted.most_common(1)[0][1] / n if n else None,
+        "gold_modal_share": gold.most_common(1)[0][1] / n if n else None,
+        "n": n,
     }
 
 
@@ -78,6 +112,7 @@ def evaluate_policy(
     reference=None,
     kl: bool = True,
     multiple_choice: bool = True,
+    max_generated_per_dataset: int | None = None,
     max_new_tokens: int = 96,
     kl_max_new_tokens: int = 48,
     kl_max_prompts: int = 16,
@@ -86,61 +121,112 @@ def evaluate_policy(
     progress: bool = False,
     reasoning_effort: str = "low",
 ) -> dict:
-    """Every metric of the module docstring for one policy; returns {dataset: {metric: value}} + "overall".
+    """Every metric of the module docstring for one policy; returns {dataset: {metric: value}} + "overall",
+    and under "items" the per-item values behind them, {group: {metric: {item key: value}}}, which
+    `intervals` and eval's paired comparisons read (item keys: "SOURCE:ID" for records, "safety:ID").
 
-    `reward` is a (reward model, tokenizer) pair or None; `reference` a model sharing the tokenizer,
-    an adapter name of the policy (e.g. TRL's frozen "ref"), or None to compare against the policy's
-    own base (adapters disabled); `kl=False` skips KL. `reasoning_effort`: the harmony setting the
-    policy was trained with (GPT-OSS only; sft/run.py's default is "low").
+    Multiple-choice scoring covers every record; `max_generated_per_dataset` caps only the records
+    answered by generation (the first N per dataset), which cost far more. `reward` is a (reward model,
+    tokenizer) pair or None; `reference` a model sharing the tokenizer, an adapter name of the policy
+    (e.g. TRL's frozen "ref"), or None to compare against the policy's own base (adapters disabled);
+    `kl=False` skips KL. `reasoning_effort`: the harmony setting the policy was trained with (GPT-OSS
+    only; sft/run.py's default is "low").
     """
     results: dict[str, dict] = {}
-    question_messages = [prompt_messages(r) for r in records]
+    items: dict[str, dict[str, dict]] = defaultdict(dict)
+    by_source: dict[str, list[int]] = defaultdict(list)
+    for i, record in enumerate(records):
+        by_source[record.source].append(i)
+    generated = sorted(i for indices in by_source.values() for i in indices[:max_generated_per_dataset])
+    question_messages = [prompt_messages(records[i]) for i in generated]
     safety_messages = [free_text_messages(p.prompt) for p in safety_prompts]
     harmony = uses_harmony(model)
     generation = dict(
         max_new_tokens=max_new_tokens, batch_size=batch_size, reasoning_effort=reasoning_effort, progress=progress
     )
-    question_generations = generate(model, tokenizer, question_messages, **generation)
+    question_generations = dict(zip(generated, generate(model, tokenizer, question_messages, **generation)))
     safety_generations = generate(model, tokenizer, safety_messages, **generation)
-    question_responses = [g.response for g in question_generations]
     safety_responses = [g.response for g in safety_generations]
 
-    by_source: dict[str, list[int]] = defaultdict(list)
-    for i, record in enumerate(records):
-        by_source[record.source].append(i)
+    all_hyps, all_refs = [], []
     for source, indices in sorted(by_source.items()):
-        subset = [records[i] for i in indices]
-        metrics = answer_metrics(subset, [question_responses[i] for i in indices])
+        answered = [i for i in indices if i in question_generations]
+        subset = [records[i] for i in answered]
+        responses = [question_generations[i].response for i in answered]
+        keys = [f"{records[i].source}:{records[i].id}" for i in answered]
+        metrics = answer_metrics(subset, responses)
         metrics = {"gen_acc": metrics.pop("acc"), **metrics}
+        per_item = answer_items(subset, responses)
+        for metric in ("gen_acc", "exact_match", "no_answer", "rougeL", "bleu"):
+            items[source][metric] = {k: v for k, v in zip(keys, per_item[metric]) if v is not None}
         if harmony:
-            metrics["final_missing"] = final_missing_share([question_generations[i] for i in indices])
+            metrics["final_missing"] = final_missing_share([question_generations[i] for i in answered])
         if multiple_choice:
-            mc = mc_accuracy(score_multiple_choice(model, tokenizer, subset, progress=progress))
-            metrics.update({"mc_acc": mc["acc"], "mc_acc_norm": mc["acc_norm"]})
+            everything = [records[i] for i in indices]
+            predictions = score_multiple_choice(model, tokenizer, everything, progress=progress)
+            mc = mc_accuracy(predictions)
+            metrics.update({"mc_acc": mc["acc"], "mc_acc_norm": mc["acc_norm"], "n_mc": mc["n"]})
+            metrics["letters"] = letter_bias(predictions)
+            labeled = [(f"{r.source}:{r.id}", p) for r, p in zip(everything, predictions) if p.gold is not None]
+            items[source]["mc_acc"] = {k: p.correct for k, p in labeled}
+            items[source]["mc_acc_norm"] = {k: p.correct_norm for k, p in labeled}
         results[source] = metrics
+        # BLEU is a corpus statistic: its interval resamples records, not sentence scores.
+        explained = [j for j, ref in enumerate(per_item["reference"]) if ref is not None]
+        hyps = [per_item["explanation"][j] for j in explained]
+        refs = [per_item["reference"][j] for j in explained]
+        results[source]["bleu_interval"] = bleu_interval(hyps, refs)
+        all_hyps += hyps
+        all_refs += refs
     if safety_prompts:
-        results["safety"] = safety_metrics(safety_prompts, safety_responses)
+        results["safety"], items["safety"] = _safety(safety_prompts, safety_responses)
         if harmony:
             results["safety"]["final_missing"] = final_missing_share(safety_generations)
 
-    overall: dict = {}
+    overall: dict = {"bleu": bleu_interval(all_hyps, all_refs)}  # every dataset's explanations as one corpus
+    question_keys = [f"{records[i].source}:{records[i].id}" for i in generated]
     if reward is not None:
         rm_model, rm_tokenizer = reward
         all_messages = question_messages + safety_messages
-        all_responses = question_responses + safety_responses
+        all_responses = [question_generations[i].response for i in generated] + safety_responses
         scores = score_responses(
             rm_model, rm_tokenizer, all_messages, all_responses,
             batch_size=batch_size, reasoning_effort=reasoning_effort,
         )  # fmt: skip
         overall["rm_score"] = sum(scores) / len(scores) if scores else None
+        items["overall"]["rm_score"] = dict(zip(question_keys + [f"safety:{p.id}" for p in safety_prompts], scores))
+    kl_keys = (question_keys[: kl_max_prompts // 2] + [f"safety:{p.id}" for p in safety_prompts])[:kl_max_prompts]
     kl_prompts = (question_messages[: kl_max_prompts // 2] + safety_messages)[:kl_max_prompts]
     if kl and kl_prompts and (reference is not None or hasattr(model, "disable_adapter")):
-        overall.update(
-            kl_to_reference(
-                model, reference, tokenizer, kl_prompts, max_new_tokens=kl_max_new_tokens,
-                num_samples=kl_num_samples, batch_size=batch_size, progress=progress,
-                reasoning_effort=reasoning_effort,
-            )
-        )
+        measured = kl_to_reference(
+            model, reference, tokenizer, kl_prompts, max_new_tokens=kl_max_new_tokens,
+            num_samples=kl_num_samples, batch_size=batch_size, progress=progress,
+            reasoning_effort=reasoning_effort,
+        )  # fmt: skip
+        per_prompt = measured.pop("per_prompt")
+        overall.update(measured)
+        for metric in ("kl_k1", "kl_k3"):
+            items["overall"][metric] = dict(zip(kl_keys, per_prompt[metric]))
     results["overall"] = overall
+    results["items"] = dict(items)
     return results
+
+
+def bleu_interval(hypotheses: list[str], references: list[str]) -> dict:
+    """Corpus BLEU with the percentile interval of resampled records (BLEU is not a mean of sentence scores)."""
+    return bootstrap_statistic(
+        len(hypotheses), lambda idx: corpus_bleu([hypotheses[i] for i in idx], [references[i] for i in idx])
+    ).as_dict()
+
+
+def pooled(results: dict, metric: str) -> dict:
+    """One metric's per-item values over every group of `evaluate_policy`'s items (datasets pooled)."""
+    return {k: v for group in results.get("items", {}).values() for k, v in group.get(metric, {}).items()}
+
+
+def interval(metric: str, values: dict) -> dict:
+    """The 95% interval of a metric from its per-item values: Wilson for 0/1 outcomes, bootstrap for scores."""
+    flags = list(values.values())
+    if flags and all(isinstance(v, bool) for v in flags):
+        return proportion(flags).as_dict()
+    return bootstrap_mean(flags).as_dict()

@@ -27,6 +27,7 @@ import torch
 from trl import RewardTrainer
 
 from clinalign.config import ClinalignError
+from clinalign.devices import device_map, process_device, whole_on_every_rank
 from clinalign.models import (
     PROVENANCE_FILE,
     check_adapter_base,
@@ -44,7 +45,9 @@ class LengthGroupedRewardTrainer(PairLengthGrouping, RewardTrainer):
     """TRL's RewardTrainer; with `train_sampling_strategy: group_by_length`, pairs of similar length share a batch."""
 
 
-def reward_backbone(base: str, sft_adapter: str | Path | None = None, *, dtype="auto", quantization_config=None):
+def reward_backbone(
+    base: str, sft_adapter: str | Path | None = None, *, dtype="auto", quantization_config=None, whole: bool = False
+):
     """A one-logit sequence classifier over `base`, with `sft_adapter` (a causal-LM LoRA) merged in.
 
     The SFT adapter's module names (model.layers.N...) are the same in the classifier, so PEFT
@@ -56,6 +59,9 @@ def reward_backbone(base: str, sft_adapter: str | Path | None = None, *, dtype="
     merging into already-quantized weights would round twice, NF4(NF4(W) + BA). Either way the merged
     backbone is not bit-identical to the SFT policy as trained (NF4(W) + BA); this order gives the
     smaller error, one rounding of the same size as the quantization of W itself.
+
+    `whole`: load outside DeepSpeed's `zero.Init` (a model that is only scored: see clinalign.devices).
+    Every load goes to the process's device by the one device rule (`clinalign.devices.device_map`).
 
     GPT-OSS (any dtype) loads through `harmony.gpt_oss.load_gpt_oss`: MXFP4 dequantized on load,
     eager attention. In 4-bit its attention projections are quantized here and its expert stacks
@@ -73,18 +79,20 @@ def reward_backbone(base: str, sft_adapter: str | Path | None = None, *, dtype="
     if sft_adapter is not None and not (Path(sft_adapter) / "adapter_config.json").is_file():
         raise ClinalignError(f"SFT adapter not found: {sft_adapter} (no adapter_config.json)")
     # Dense and no adapter to merge: transformers quantizes while it loads. Otherwise load 16-bit first.
-    direct = {"quantization_config": quantization_config, "device_map": _bnb_device_map()}
     load_directly = quantization_config is not None and sft_adapter is None and not gpt_oss
-    whole = sft_adapter is not None or quantization_config is not None
-    with _whole_on_every_rank() if whole else contextlib.nullcontext():
+    whole = whole or sft_adapter is not None or quantization_config is not None
+    with whole_on_every_rank() if whole else contextlib.nullcontext():
+        # device_map() inside the context: a whole copy goes to this rank's device, a sharded one nowhere yet.
+        direct = {"quantization_config": quantization_config, "device_map": device_map()}
         if gpt_oss:
             model = load_gpt_oss(
                 path, dtype=dtype, load_in_4bit=False, model_class=AutoModelForSequenceClassification, num_labels=1
             )
         else:
             model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=1, dtype=dtype, **(direct if load_directly else {})
-            )
+                path, num_labels=1, dtype=dtype,
+                **(direct if load_directly else {"device_map": direct["device_map"]}),
+            )  # fmt: skip
         if sft_adapter is not None:
             check_adapter_base(sft_adapter, base, model)
             model = _merged(model, sft_adapter)
@@ -126,28 +134,6 @@ def _merged(model, adapter_dir):
     return PeftModel.from_pretrained(model, adapter_dir, config=config).merge_and_unload()
 
 
-def _bnb_device_map():
-    """Where bitsandbytes should quantize: on a CPU-only machine the CPU (as `model_init_kwargs`)."""
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    return "cpu" if not torch.cuda.is_available() and not is_deepspeed_zero3_enabled() else None
-
-
-@contextlib.contextmanager
-def _whole_on_every_rank():
-    """Load without DeepSpeed's `zero.Init`, so each rank holds the whole 16-bit model while an adapter
-    is merged into it or its weights are quantized (both need every weight; DeepSpeed shards the
-    result when the trainer prepares it, as it does any quantized model, which never uses zero.Init)."""
-    from transformers.integrations import deepspeed
-
-    saved = deepspeed._hf_deepspeed_config_weak_ref
-    deepspeed.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        deepspeed._hf_deepspeed_config_weak_ref = saved
-
-
 def load_reward_model(path: str | Path, *, dtype="auto"):
     """Load a reward model saved by reward/train.py -> (model in eval mode, tokenizer).
 
@@ -173,15 +159,15 @@ def load_reward_model(path: str | Path, *, dtype="auto"):
                 "load it with dtype auto or that dtype"
             )
         dtype = trained
+    # Scoring only: a whole, unsharded copy on every rank's device, even under ZeRO-3 (clinalign.devices).
     model = reward_backbone(recorded["base"], recorded.get("merged_adapter"), dtype=dtype,
-                            quantization_config=quantization_config)  # fmt: skip
+                            quantization_config=quantization_config, whole=True)  # fmt: skip
     model = PeftModel.from_pretrained(model, path)
     if quantization_config is not None and model.config.model_type == "gpt_oss":
         from harmony.gpt_oss import quantize_experts
 
         quantize_experts(model, resolve_dtype(dtype))  # after the adapter is attached, as in training
-        if torch.cuda.is_available():  # quantize_experts put the stacks there; the rest follows
-            model.to(torch.device("cuda", torch.cuda.current_device()))
+        model.to(process_device())  # quantize_experts put the stacks there; the rest follows
     tokenizer = load_tokenizer(str(path))
     ensure_pad_token(tokenizer, model)
     model.eval()

@@ -7,15 +7,20 @@ W&B, ...) at the current global step, beside the loss. Held-out measurements are
 
 from __future__ import annotations
 
+# Per-item values (evaluate_policy's "items": one number per held-out record) stay in metrics.json: a
+# tracker gets the aggregates, not hundreds of series.
+UNLOGGED = frozenset({"items"})
+
 
 def flat_measurements(measurements: dict, prefix: str) -> dict[str, float]:
-    """The numeric leaves of a nested dict as {"eval_<prefix>/<key>/<key>": value} (text and lists are left out)."""
+    """The numeric leaves of a nested dict as {"eval_<prefix>/<key>/<key>": value} (text, lists and UNLOGGED keys are left out)."""
     flat: dict[str, float] = {}
 
     def walk(value, path: str) -> None:
         if isinstance(value, dict):
             for key, inner in value.items():
-                walk(inner, f"{path}/{key}")
+                if key not in UNLOGGED:
+                    walk(inner, f"{path}/{key}")
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             flat[path] = float(value)
 

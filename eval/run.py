@@ -3,15 +3,19 @@
     python eval/run.py --config configs/eval/smollm2.yaml
     python eval/run.py --config configs/eval/tiny.yaml
 
-Models are `{name, base, adapter}` entries (the base model, each SFT stage, DPO, PPO). Each is
+Models are `{name, base, adapter, [baseline]}` entries (the base model, each SFT stage, DPO, PPO). Each is
 measured on the held-out records of `data` (the split no stage trained on) and the held-out safety
 prompts by clinalign.policy_eval: multiple-choice accuracy by log-likelihood following
 lm-evaluation-harness 0.4's pubmedqa / medmcqa / medqa_4options protocol (acc, acc_norm); accuracy,
 exact match and no-answer share of greedy answers in the toolkit's chat format; ROUGE-L (rouge-score)
 and BLEU (sacrebleu) of generated explanations; each safety check's pass rate and the over-refusal rate
 on benign controls; the reward model's mean score; KL(model || reference) per sequence (k1, k3) on
-sampled responses. Writes OUTPUT_DIR/metrics.json (model -> dataset -> metric), report.md (one table,
-models as rows) and PNG bar charts of the headline metrics, and prints the table last.
+sampled responses. Every headline metric carries its 95% interval and n, and every model is compared
+on the same items with its baseline (the model listed before it unless `baseline` names another; null:
+none) with a paired test and a verdict (clinalign.eval_report). Writes OUTPUT_DIR/metrics.json (model ->
+dataset -> metric, plus each model's per-item values, "headline" intervals and "comparison"), report.md
+(headline table, comparisons, multiple-choice letter distributions) and PNG bar charts with error bars,
+and prints the headline table last.
 """
 
 from __future__ import annotations
@@ -30,13 +34,12 @@ from clinalign.config import (
     write_resolved_config,
 )
 from clinalign.data import load_records
+from clinalign.eval_report import comparison, comparison_table, headline, headline_table, letters_table
 from clinalign.models import load_policy, resolve_model
 from clinalign.plots import metric_bars
 from clinalign.policy_eval import evaluate_policy, held_out_records, held_out_safety_prompts
 from clinalign.rewards import load_reward_model
 
-HEADLINE = ["mc_acc", "mc_acc_norm", "gen_acc", "exact_match", "no_answer", "rougeL", "bleu", "safety_score",
-            "over_refusal_rate", "rm_score", "kl_k1", "kl_k3"]
 CHARTS = ["mc_acc", "gen_acc", "safety_score", "rm_score", "kl_k3"]
 
 
@@ -52,6 +55,12 @@ class EvalArgs:
     max_records_per_dataset: int | None = dataclasses.field(
         default=None, metadata={"help": "At most this many held-out questions per dataset (null: all)."}
     )
+    max_generated_per_dataset: int | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "Of those, at most this many answered by generation (null: all); multiple choice scores all."
+        },
+    )
     safety_prompts: str | None = dataclasses.field(
         default="clinalign/sample_data/safety_prompts.jsonl", metadata={"help": "Safety prompt set; null: skip."}
     )
@@ -59,7 +68,9 @@ class EvalArgs:
     reference: dict | None = dataclasses.field(
         default=None, metadata={"help": "KL reference {base, [adapter]} (e.g. the final SFT stage); null: skip KL."}
     )
-    dtype: str = dataclasses.field(default="auto", metadata={"help": "auto, bfloat16 or float32 (float32 for lm-eval parity)."})
+    dtype: str = dataclasses.field(
+        default="auto", metadata={"help": "auto, bfloat16 or float32 (float32 for lm-eval parity)."}
+    )
     max_new_tokens: int = dataclasses.field(default=96, metadata={"help": "Greedy tokens per generated answer."})
     kl_max_new_tokens: int = dataclasses.field(default=48, metadata={"help": "Sampled tokens per KL response."})
     kl_max_prompts: int = dataclasses.field(default=16, metadata={"help": "Prompts used for the KL estimate."})
@@ -67,10 +78,14 @@ class EvalArgs:
     batch_size: int = dataclasses.field(default=8, metadata={"help": "Prompts per generation / scoring batch."})
     reasoning_effort: str = dataclasses.field(
         default="low",
-        metadata={"help": "GPT-OSS models: the harmony reasoning effort they were trained with.",
-                  "choices": ["low", "medium", "high"]},
+        metadata={
+            "help": "GPT-OSS models: the harmony reasoning effort they were trained with.",
+            "choices": ["low", "medium", "high"],
+        },
     )
-    output_dir: str = dataclasses.field(default="runs/demo/eval", metadata={"help": "Where metrics, report and charts go."})
+    output_dir: str = dataclasses.field(
+        default="runs/demo/eval", metadata={"help": "Where metrics, report and charts go."}
+    )
 
 
 @dataclasses.dataclass
@@ -78,15 +93,16 @@ class ModelSpec:
     name: str
     base: str
     adapter: str | None = None
+    baseline: str | None = ""  # "": the model listed before it; null: compare with none
 
     @classmethod
     def parse(cls, index: int, raw) -> ModelSpec:
         where = f"models[{index}]"
         if not isinstance(raw, dict):
-            raise ConfigError(f"{where} must be a mapping {{name, base, [adapter]}}, got {raw!r}")
-        unknown = sorted(set(raw) - {"name", "base", "adapter"})
+            raise ConfigError(f"{where} must be a mapping {{name, base, [adapter], [baseline]}}, got {raw!r}")
+        unknown = sorted(set(raw) - {"name", "base", "adapter", "baseline"})
         if unknown:
-            raise ConfigError(f"unknown key '{unknown[0]}' in {where} (valid: name, base, adapter)")
+            raise ConfigError(f"unknown key '{unknown[0]}' in {where} (valid: name, base, adapter, baseline)")
         if not raw.get("base") or not raw.get("name"):
             raise ConfigError(f"{where} needs a name and a base")
         spec = cls(**raw)
@@ -96,24 +112,19 @@ class ModelSpec:
         return spec
 
 
-def headline(results: dict) -> dict:
-    """One row of the report: per-dataset metrics averaged over datasets, then safety and overall."""
-    datasets = [m for name, m in results.items() if name not in ("safety", "overall")]
-    row = {}
-    for key in ("mc_acc", "mc_acc_norm", "gen_acc", "exact_match", "no_answer", "rougeL", "bleu"):
-        values = [m[key] for m in datasets if m.get(key) is not None]
-        row[key] = sum(values) / len(values) if values else None
-    row.update({k: results.get("safety", {}).get(k) for k in ("safety_score", "over_refusal_rate")})
-    row.update({k: results["overall"].get(k) for k in ("rm_score", "kl_k1", "kl_k3")})
-    return row
-
-
-def report_table(rows: dict[str, dict]) -> str:
-    lines = ["| model | " + " | ".join(HEADLINE) + " |", "|---|" + "---|" * len(HEADLINE)]
-    for name, row in rows.items():
-        cells = ["-" if row.get(k) is None else f"{row[k]:.3f}" for k in HEADLINE]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def baselines(specs: list[ModelSpec]) -> dict[str, str]:
+    """{model: the model it is compared with}: the one listed before it unless `baseline` names another."""
+    names = [s.name for s in specs]
+    out = {}
+    for i, spec in enumerate(specs):
+        if spec.baseline == "":
+            if i:
+                out[spec.name] = names[i - 1]
+        elif spec.baseline is not None:
+            if spec.baseline not in names or spec.baseline == spec.name:
+                raise ConfigError(f"models[{i}] ({spec.name}): baseline '{spec.baseline}' is not another listed model")
+            out[spec.name] = spec.baseline
+    return out
 
 
 def main(args: EvalArgs):
@@ -122,6 +133,7 @@ def main(args: EvalArgs):
         raise ConfigError("models is empty: list at least one {name, base, [adapter]}")
     if len({s.name for s in specs}) != len(specs):
         raise ConfigError("model names must be unique")
+    compared_with = baselines(specs)
     records = [r for source in args.data for r in load_records(source).records if r.answer is not None]
     held_out = held_out_records(records, args.eval_fraction)
     if args.max_records_per_dataset is not None:
@@ -143,27 +155,53 @@ def main(args: EvalArgs):
         print(f"[eval] {spec.name}: {spec.base}" + (f" + {spec.adapter}" if spec.adapter else ""))
         model, tokenizer = load_policy(spec.base, spec.adapter, dtype=args.dtype)
         results[spec.name] = evaluate_policy(
-            model, tokenizer, records=held_out, safety_prompts=safety, reward=reward, reference=reference,
-            kl=reference is not None, max_new_tokens=args.max_new_tokens, kl_max_new_tokens=args.kl_max_new_tokens,
-            kl_max_prompts=args.kl_max_prompts, kl_num_samples=args.kl_num_samples, batch_size=args.batch_size,
-            reasoning_effort=args.reasoning_effort, progress=True,
+            model,
+            tokenizer,
+            records=held_out,
+            safety_prompts=safety,
+            reward=reward,
+            reference=reference,
+            kl=reference is not None,
+            max_generated_per_dataset=args.max_generated_per_dataset,
+            max_new_tokens=args.max_new_tokens,
+            kl_max_new_tokens=args.kl_max_new_tokens,
+            kl_max_prompts=args.kl_max_prompts,
+            kl_num_samples=args.kl_num_samples,
+            batch_size=args.batch_size,
+            reasoning_effort=args.reasoning_effort,
+            progress=True,
         )
-        rows[spec.name] = headline(results[spec.name])
+        results[spec.name]["headline"] = rows[spec.name] = headline(results[spec.name])
         del model
         gc.collect()
 
+    comparisons = {}
+    for name, baseline in compared_with.items():
+        comparisons[name] = {"baseline": baseline, "metrics": comparison(results[name], results[baseline])}
+        results[name]["comparison"] = comparisons[name]
+
     output_dir = Path(args.output_dir)
     write_json(output_dir / "metrics.json", results)
-    table = report_table(rows)
+    table = headline_table(rows)
     counts = ", ".join(f"{s}: {sum(r.source == s for r in held_out)}" for s in sorted({r.source for r in held_out}))
     (output_dir / "report.md").write_text(
         "# Evaluation report\n\n"
-        f"Held-out questions ({counts}), {len(safety)} safety prompts; "
-        f"KL reference: {args.reference or 'none'}; reward model: {args.reward_model or 'none'}.\n"
-        "Metrics are means over datasets where per dataset (see metrics.json for each dataset).\n\n"
-        + table + "\n\n![headline metrics](headline.png)\n"
+        f"Held-out questions ({counts}; generated answers: "
+        f"{'all' if args.max_generated_per_dataset is None else f'first {args.max_generated_per_dataset}'} "
+        f"per dataset), {len(safety)} safety prompts; KL reference: {args.reference or 'none'}; "
+        f"reward model: {args.reward_model or 'none'}.\n\n"
+        "Each cell: value [95% interval] n. Datasets are pooled (metrics.json has each dataset); Wilson "
+        "intervals for shares, bootstrap for scores and BLEU (clinalign.eval_report).\n\n"
+        + table
+        + "\n\n## Paired comparisons\n\nEach model minus its baseline on the same items: McNemar's exact "
+        "test for shares, paired permutation test for scores; better / worse needs p < 0.05 and an "
+        "interval excluding 0.\n\n"
+        + comparison_table(comparisons)
+        + "\n\n## Multiple-choice answer letters\n\n"
+        + letters_table(results)
+        + "\n\n![headline metrics](headline.png)\n"
     )
-    metric_bars(rows, CHARTS, output_dir / "headline.png", "Held-out metrics per model")
+    metric_bars(rows, CHARTS, output_dir / "headline.png", "Held-out metrics per model (95% intervals)")
     write_resolved_config(output_dir, args)
     print(table)
     return results

@@ -42,6 +42,8 @@ import torch
 from torch import nn
 
 from clinalign.config import ClinalignError
+from clinalign.devices import device_map as clinalign_device_map
+from clinalign.devices import process_device
 from clinalign.models import keep_bnb_gradients_on_cpu, resolve_dtype, resolve_model
 
 ATTENTION_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -143,10 +145,10 @@ def quantize_experts(model: nn.Module, storage: torch.dtype) -> int:
             continue
         for name in EXPERT_PARAMETERS:
             parameter = getattr(module, name)
-            if parameter.device.type == "cpu" and torch.cuda.is_available():
+            if parameter.device != process_device():
                 # A model loaded without device_map (ZeRO-3) is still on the CPU. The 4-bit statistics
                 # live outside the parameter and would not follow it to the GPU: quantize there now.
-                parameter.data = parameter.data.to(torch.device("cuda", torch.cuda.current_device()))
+                parameter.data = parameter.data.to(process_device())
             replace_parameter_4bit(module, name, compress_statistics=True, quant_type="nf4", blocksize=BLOCKSIZE)
             packed = module.parametrizations[name].original
             if storage != torch.uint8:  # same bytes, seen as the compute dtype (what Params4bit's quant_storage does)
@@ -228,7 +230,6 @@ def load_gpt_oss(
     `model_kwargs`) picks the head; heads other than the attention projections stay 16-bit.
     """
     from transformers import AutoModelForCausalLM, Mxfp4Config
-    from transformers.integrations import is_deepspeed_zero3_enabled
 
     dtype = resolve_dtype(dtype)
     path = resolve_model(name_or_path)
@@ -242,8 +243,8 @@ def load_gpt_oss(
         kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
     elif load_in_4bit:
         kwargs["quantization_config"] = nf4_config(dtype)
-    if load_in_4bit and device_map is None and not torch.cuda.is_available() and not is_deepspeed_zero3_enabled():
-        kwargs["device_map"] = "cpu"  # bitsandbytes quantizes where the weights land (ZeRO-3 refuses a device_map)
+    if device_map is None:  # the one device rule; None under ZeRO-3, which refuses a device_map
+        kwargs["device_map"] = clinalign_device_map()
     try:
         model = (model_class or AutoModelForCausalLM).from_pretrained(path, **kwargs)
     except OSError as e:

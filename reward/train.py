@@ -23,6 +23,7 @@ from datasets import Dataset
 from trl import RewardConfig, get_peft_config
 
 from clinalign.config import ConfigError, ModelArgs, Parser, run, write_json, write_resolved_config
+from clinalign.model_card import write_model_card
 from clinalign.models import (
     ensure_pad_token,
     load_tokenizer,
@@ -137,6 +138,7 @@ def main(script_args: RewardScriptArgs, training_args: RewardConfig, model_args:
         )
         write_json(Path(training_args.output_dir) / "metrics.json", metrics)
         write_resolved_config(training_args.output_dir, script_args, training_args, model_args)
+        write_model_card(training_args.output_dir)  # replaces PEFT's placeholder README.md
         for axis, result in metrics["eval"].items():
             print(f"[reward] held-out pairwise accuracy {axis}: {result['accuracy']:.3f} (n={result['n']})")
     return metrics

@@ -23,10 +23,13 @@ from trl import DPOConfig
 from clinalign.config import ClinalignError, ModelArgs, Parser, run, write_json, write_resolved_config
 from clinalign.data import load_records
 from clinalign.dpo import DPOArgs, build_dpo_trainer, dpo_pairs
+from clinalign.eval_report import comparison
+from clinalign.model_card import write_model_card
 from clinalign.models import write_adapter_provenance
 from clinalign.policy_eval import evaluate_policy, held_out_records, held_out_safety_prompts
 from clinalign.resume import RunIdentity, resume_checkpoint
 from clinalign.rewards import load_reward_model
+from clinalign.stats import fmt
 from clinalign.tracking import log_measurements
 
 
@@ -67,6 +70,8 @@ def main(dpo_args: DPOArgs, training_args: DPOConfig, model_args: ModelArgs):
         "pairs": {"train": len(train_rows), "eval": len(eval_rows)},
         "preference_eval": after_pairs,
         "held_out": {"before": before, "after": after},
+        # After vs before on the same held-out items: paired tests and a verdict per metric.
+        "comparison": {"baseline": "before", "metrics": comparison(after, before)},
         "log_history": trainer.state.log_history,
     }
     if trainer.accelerator.is_main_process:
@@ -74,11 +79,15 @@ def main(dpo_args: DPOArgs, training_args: DPOConfig, model_args: ModelArgs):
         write_adapter_provenance(output_dir, model_args.model_name_or_path, trainer.model)
         write_json(output_dir / "metrics.json", metrics)
         write_resolved_config(output_dir, dpo_args, training_args, model_args)
+        write_model_card(output_dir)  # replaces PEFT's and TRL's template README.md
         safety_before = before.get("safety", {}).get("safety_score")
         safety_after = after.get("safety", {}).get("safety_score")
         print(f"[dpo] beta {training_args.beta}: held-out safety {safety_before} -> {safety_after}, "
               f"KL/seq (k1, k3) {after['overall'].get('kl_k1')}, {after['overall'].get('kl_k3')}, "
               f"held-out preference accuracy {after_pairs.get('eval_rewards/accuracies')}")
+        for metric, c in metrics["comparison"]["metrics"].items():
+            print(f"[dpo] {metric}: after - before {fmt(c['difference'], c['low'], c['high'], c['n'], 3)}, "
+                  f"p {c['p']:.3g}: {c['verdict']}")
     return metrics
 
 

@@ -25,6 +25,7 @@ from trl import RLOOConfig
 
 from clinalign.config import ModelArgs, Parser, run, write_json, write_resolved_config
 from clinalign.data import load_records
+from clinalign.model_card import write_model_card
 from clinalign.models import write_adapter_provenance
 from clinalign.plots import training_curves
 from clinalign.ppo import PPOArgs, build_ppo_trainer, rl_prompts
@@ -58,6 +59,7 @@ def main(ppo_args: PPOArgs, training_args: RLOOConfig, model_args: ModelArgs):
         write_json(output_dir / "metrics.json", metrics)
         write_resolved_config(output_dir, ppo_args, training_args, model_args)
         write_adapter_provenance(output_dir, model_args.model_name_or_path, trainer.model)
+        write_model_card(output_dir)  # replaces PEFT's and TRL's template README.md
         training_curves(history, CURVES, output_dir / "training_curves.png", "PPO-clip (RLOO) on the SFT policy")
         last = metrics["last_log"]
         print(f"[ppo] steps {trainer.state.global_step}: reward {last.get('reward')}, "

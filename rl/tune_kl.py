@@ -1,23 +1,27 @@
-"""Tune the KL coefficient: short trainings over a grid of beta, the KL / objective frontier, a pick.
+"""Tune the KL coefficient: a full training per beta over a grid, the KL / objective frontier, a pick.
 
     python rl/tune_kl.py --config configs/rl/smollm2_tune_kl.yaml
     python rl/tune_kl.py --config configs/rl/tiny_tune_kl.yaml --grid 0.1 0.3 1.0
     python rl/tune_kl.py --config configs/rl/smollm2_tune_kl.yaml --method ppo --base_config configs/rl/smollm2_ppo.yaml
 
 For each beta of the grid (default 0.01, 0.03, 0.1, 0.3, 1.0) it trains the method of `base_config`
-(DPO, or PPO-clip through RLOO: the same training paths as rl/dpo.py and rl/ppo.py) for `max_steps`
-from the SFT policy, then measures the policy on held-out data with clinalign.policy_eval: preference
-accuracy (DPO), multiple-choice accuracy, safety score, reward-model score and KL(policy || SFT
-reference) per sequence. It picks the beta with the best `objective` among those within `kl_budget`
-(nats per sequence; the lowest-KL point when none is), and writes frontier.md / frontier.json (the
-table), frontier.png (KL vs objective, one point per beta) and chosen_<method>.yaml: the base config
-with the chosen beta, which rl/dpo.py (or rl/ppo.py) accepts as it is.
+(DPO, or PPO-clip through RLOO: the same training paths as rl/dpo.py and rl/ppo.py) from the SFT
+policy for as many steps as the final run would (the base config's max_steps unless `max_steps` is
+set), saves the adapter, then measures it on the whole held-out set with clinalign.policy_eval, each
+metric with its 95% interval: preference accuracy (DPO), multiple-choice accuracy, safety score,
+reward-model score and KL(policy || SFT reference) per sequence. It picks a beta by CHOICE_RULE (the
+best objective within `kl_budget`; among betas whose intervals overlap the best one's, the largest:
+a tie, and the report says so) and writes frontier.md / frontier.json (the rule, the table, whether it
+was a tie), frontier.png (KL vs objective with intervals), chosen/ (the chosen run's adapter: the
+method's result, so nothing is trained twice) and chosen_<method>.yaml: the base config with the
+chosen beta, which rl/dpo.py (or rl/ppo.py) accepts as it is.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import gc
+import shutil
 from pathlib import Path
 
 import yaml
@@ -26,11 +30,15 @@ from trl import DPOConfig, RLOOConfig
 from clinalign.config import ClinalignError, ModelArgs, Parser, resolved_config, run, write_json, write_resolved_config
 from clinalign.data import load_records
 from clinalign.dpo import DPOArgs, build_dpo_trainer, dpo_pairs
+from clinalign.eval_report import headline
+from clinalign.models import write_adapter_provenance
 from clinalign.plots import kl_frontier
 from clinalign.policy_eval import evaluate_policy, held_out_records, held_out_safety_prompts
 from clinalign.ppo import PPOArgs, build_ppo_trainer, rl_prompts
 from clinalign.preferences import load_safety_prompts
 from clinalign.rewards import load_reward_model
+from clinalign.run_dir import remove_inside
+from clinalign.stats import fmt, intervals_overlap, wilson
 
 OBJECTIVES = ("rm_score", "safety_score", "mc_acc", "gen_acc", "preference_accuracy")
 
@@ -39,12 +47,16 @@ OBJECTIVES = ("rm_score", "safety_score", "mc_acc", "gen_acc", "preference_accur
 class TuneKLArgs:
     method: str = dataclasses.field(default="dpo", metadata={"help": "Which coefficient.", "choices": ["dpo", "ppo"]})
     base_config: str = dataclasses.field(
-        default="configs/rl/smollm2_dpo.yaml", metadata={"help": "The rl/dpo.py or rl/ppo.py config every run starts from."}
+        default="configs/rl/smollm2_dpo.yaml",
+        metadata={"help": "The rl/dpo.py or rl/ppo.py config every run starts from."},
     )
     grid: list[float] = dataclasses.field(
         default_factory=lambda: [0.01, 0.03, 0.1, 0.3, 1.0], metadata={"help": "The beta values to train."}
     )
-    max_steps: int = dataclasses.field(default=10, metadata={"help": "Training steps per beta (short runs)."})
+    max_steps: int | None = dataclasses.field(
+        default=None,
+        metadata={"help": "Training steps per beta (null: the base config's, as long as the final run would train)."},
+    )
     objective: str = dataclasses.field(
         default="rm_score", metadata={"help": "What to maximise.", "choices": list(OBJECTIVES)}
     )
@@ -54,22 +66,29 @@ class TuneKLArgs:
     kl_estimator: str = dataclasses.field(
         default="kl_k3", metadata={"help": "Which KL estimate the budget applies to.", "choices": ["kl_k1", "kl_k3"]}
     )
-    eval_max_records: int = dataclasses.field(default=24, metadata={"help": "At most this many held-out questions."})
+    eval_max_records: int | None = dataclasses.field(
+        default=None, metadata={"help": "At most this many held-out questions (null: all)."}
+    )
     eval_max_safety_prompts: int | None = dataclasses.field(
         default=None, metadata={"help": "At most this many held-out safety prompts (null: all)."}
     )
     eval_max_pairs: int | None = dataclasses.field(
         default=None, metadata={"help": "DPO: at most this many held-out pairs for preference accuracy (null: all)."}
     )
-    output_dir: str = dataclasses.field(default="runs/demo/tune_kl", metadata={"help": "Where the runs and the frontier go."})
+    output_dir: str = dataclasses.field(
+        default="runs/demo/tune_kl", metadata={"help": "Where the runs and the frontier go."}
+    )
 
 
 def method_parser(method: str) -> Parser:
     return Parser([DPOArgs, DPOConfig, ModelArgs] if method == "dpo" else [PPOArgs, RLOOConfig, ModelArgs])
 
 
+MEASURED = ("mc_acc", "gen_acc", "safety_score", "rm_score", "kl_k1", "kl_k3")
+
+
 def train_one(method: str, configs: tuple, held_out: dict, reward) -> dict:
-    """Train one beta, then measure it; returns the row of the frontier table."""
+    """Train one beta, save its adapter, then measure it; returns the row of the frontier table."""
     method_args, training_args, model_args = configs
     if method == "dpo":
         train_rows, eval_rows = dpo_pairs(method_args)
@@ -85,37 +104,52 @@ def train_one(method: str, configs: tuple, held_out: dict, reward) -> dict:
     trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)  # drop the training autocast
     # KL to the reference the run trained against: the trainer's frozen "ref" copy of the SFT adapter.
     measured = evaluate_policy(trainer.model, trainer.processing_class, reference="ref", reward=reward, **held_out)
-    datasets = [m for name, m in measured.items() if name not in ("safety", "overall")]
-
-    def mean(key):
-        values = [m[key] for m in datasets if m.get(key) is not None]
-        return sum(values) / len(values) if values else None
-
+    intervals = {k: v for k, v in headline(measured).items() if k in MEASURED}
+    if preference is not None:
+        intervals["preference_accuracy"] = wilson(round(preference * len(eval_rows)), len(eval_rows)).as_dict()
+    # Every point is a finished run: the chosen one is the method's result, not trained a second time.
+    trainer.save_model(training_args.output_dir)
+    if trainer.accelerator.is_main_process:
+        write_adapter_provenance(Path(training_args.output_dir), model_args.model_name_or_path, trainer.model)
     row = {
         "beta": training_args.beta,
         "preference_accuracy": preference,
-        "mc_acc": mean("mc_acc"),
-        "gen_acc": mean("gen_acc"),
-        "safety_score": measured.get("safety", {}).get("safety_score"),
-        "rm_score": measured["overall"].get("rm_score"),
-        "kl_k1": measured["overall"].get("kl_k1"),
-        "kl_k3": measured["overall"].get("kl_k3"),
+        **{k: intervals[k]["value"] for k in MEASURED},
         "final_beta": getattr(trainer, "beta", training_args.beta),  # PPO's adaptive controller may move it
+        "steps": trainer.state.global_step,
+        "adapter": training_args.output_dir,
+        "intervals": intervals,
     }
     del trainer
     gc.collect()
     return row
 
 
-def choose(rows: list[dict], objective: str, kl_key: str, budget: float | None) -> tuple[dict, bool]:
-    """The best row by objective within the KL budget; (lowest-KL row, False) when none fits."""
+CHOICE_RULE = (
+    "the best objective among the betas within the KL budget (point estimates); when other betas' 95% "
+    "intervals of the objective overlap the best one's, the difference is noise, and the most "
+    "conservative of them (the largest beta) is taken: a tie"
+)
+
+
+def _interval(row: dict, key: str) -> dict:
+    return row.get("intervals", {}).get(key) or {"value": row[key], "low": None, "high": None}
+
+
+def choose(rows: list[dict], objective: str, kl_key: str, budget: float | None) -> tuple[dict, bool, list[float]]:
+    """(chosen row, within budget, the tied betas: [] when no tie) by CHOICE_RULE; the lowest-KL row
+    when no beta fits the budget."""
     scored = [r for r in rows if r.get(objective) is not None]
     if not scored:
         raise ClinalignError(f"no run produced the objective '{objective}' (is a reward model configured?)")
     within = [r for r in scored if budget is None or r[kl_key] <= budget]
     if not within:
-        return min(scored, key=lambda r: r[kl_key]), False
-    return max(within, key=lambda r: (r[objective], -r[kl_key])), True
+        return min(scored, key=lambda r: r[kl_key]), False, []
+    best = max(within, key=lambda r: (r[objective], -r[kl_key]))
+    tied = [r for r in within if intervals_overlap(_interval(best, objective), _interval(r, objective))]
+    if len(tied) == 1:
+        return best, True, []
+    return max(tied, key=lambda r: (r["beta"], -r[kl_key])), True, sorted(r["beta"] for r in tied)
 
 
 def main(args: TuneKLArgs):
@@ -131,49 +165,96 @@ def main(args: TuneKLArgs):
         "reasoning_effort": method_args.reasoning_effort,
         "batch_size": base[1].per_device_eval_batch_size,  # generation batches: wide ones are ~2x faster on a CPU
         "records": [r for r in records if r.answer is not None][: args.eval_max_records],
-        "safety_prompts": (held_out_safety_prompts(method_args.safety_prompts, eval_fraction)
-                           if method_args.safety_prompts else [])[: args.eval_max_safety_prompts],
+        "safety_prompts": (
+            held_out_safety_prompts(method_args.safety_prompts, eval_fraction) if method_args.safety_prompts else []
+        )[: args.eval_max_safety_prompts],
     }
     reward = load_reward_model(method_args.reward_model) if method_args.reward_model else None
 
     rows = []
     for beta in args.grid:
-        run_args = ["--config", args.base_config, "--beta", str(beta), "--max_steps", str(args.max_steps),
-                    "--output_dir", str(output_dir / f"{args.method}_beta_{beta:g}"), "--save_strategy", "no"]
+        run_args = [
+            "--config",
+            args.base_config,
+            "--beta",
+            str(beta),
+            "--output_dir",
+            str(output_dir / f"{args.method}_beta_{beta:g}"),
+            "--save_strategy",
+            "no",
+        ]
+        if args.max_steps is not None:
+            run_args += ["--max_steps", str(args.max_steps)]
         if args.method == "dpo" and args.eval_max_pairs is not None:
             run_args += ["--pairs_eval_max", str(args.eval_max_pairs)]
         rows.append(train_one(args.method, method_parser(args.method).parse(run_args), held_out, reward))
         print(f"[tune_kl] {args.method} beta {beta:g}: " + ", ".join(f"{k} {v}" for k, v in rows[-1].items()))
 
-    best, within_budget = choose(rows, args.objective, args.kl_estimator, args.kl_budget)
+    best, within_budget, tied = choose(rows, args.objective, args.kl_estimator, args.kl_budget)
+    chosen_adapter = output_dir / "chosen"  # the chosen run's adapter: what rl/dpo.py (or ppo.py) would have made
+    if chosen_adapter.exists():
+        remove_inside(chosen_adapter, output_dir)
+    shutil.copytree(best["adapter"], chosen_adapter)
     chosen_config = resolved_config(*base)
     chosen_config["beta"] = best["beta"]
     chosen_path = output_dir / f"chosen_{args.method}.yaml"
     chosen_path.write_text(
         f"# Written by rl/tune_kl.py: {args.base_config} with the chosen beta ({args.objective} best"
-        f"{' within the KL budget' if within_budget else '; NO beta met the KL budget: lowest KL taken'}).\n"
+        f"{' within the KL budget' if within_budget else '; NO beta met the KL budget: lowest KL taken'}"
+        f"{f'; a tie between betas {tied}: the largest taken' if tied else ''}).\n"
         + yaml.safe_dump(chosen_config, sort_keys=False)
     )
     table = frontier_table(rows, best)
-    (output_dir / "frontier.md").write_text(table + "\n")
-    write_json(output_dir / "frontier.json", {"method": args.method, "objective": args.objective,
-                                             "kl_estimator": args.kl_estimator, "kl_budget": args.kl_budget,
-                                             "chosen_beta": best["beta"], "within_budget": within_budget, "runs": rows})
-    points = [{"beta": r["beta"], "kl": r[args.kl_estimator], args.objective: r[args.objective]}
-              for r in rows if r[args.objective] is not None]
+    verdict = (
+        f"Chosen beta {best['beta']:g} ({args.objective}, KL budget {args.kl_budget} on {args.kl_estimator}). "
+        f"Rule: {CHOICE_RULE}. "
+        + (
+            f"A tie: betas {tied} are indistinguishable on {args.objective}; the largest was taken."
+            if tied
+            else "Not a tie: no other beta's interval overlaps the best one's."
+        )
+        + ("" if within_budget else " NO beta met the KL budget: the lowest-KL one was taken.")
+    )
+    (output_dir / "frontier.md").write_text(verdict + "\n\n" + table + "\n")
+    write_json(
+        output_dir / "frontier.json",
+        {
+            "method": args.method,
+            "objective": args.objective,
+            "kl_estimator": args.kl_estimator,
+            "kl_budget": args.kl_budget,
+            "rule": CHOICE_RULE,
+            "chosen_beta": best["beta"],
+            "tie": tied,
+            "chosen_adapter": str(chosen_adapter),
+            "within_budget": within_budget,
+            "runs": rows,
+        },
+    )
+    points = [
+        {"beta": r["beta"], "kl": _interval(r, args.kl_estimator), args.objective: _interval(r, args.objective)}
+        for r in rows
+        if r[args.objective] is not None
+    ]
     kl_frontier(points, args.objective, output_dir / "frontier.png", args.kl_budget, chosen=best["beta"])
     write_resolved_config(output_dir, args)
+    print(verdict)
     print(table)
-    print(f"[tune_kl] chosen beta {best['beta']:g} -> {chosen_path}")
-    return {"rows": rows, "chosen": best, "within_budget": within_budget}
+    print(f"[tune_kl] chosen beta {best['beta']:g} -> {chosen_path}, adapter {chosen_adapter}")
+    return {"rows": rows, "chosen": best, "within_budget": within_budget, "tie": tied}
 
 
 def frontier_table(rows: list[dict], best: dict) -> str:
-    keys = ["beta", "kl_k1", "kl_k3", "rm_score", "safety_score", "mc_acc", "gen_acc", "preference_accuracy"]
-    lines = ["| " + " | ".join(keys) + " | chosen |", "|" + "---|" * (len(keys) + 1)]
+    keys = ["kl_k1", "kl_k3", "rm_score", "safety_score", "mc_acc", "gen_acc", "preference_accuracy"]
+    lines = ["| beta | steps | " + " | ".join(keys) + " | chosen |", "|" + "---|" * (len(keys) + 3)]
     for row in rows:
-        cells = ["-" if row[k] is None else f"{row[k]:.4g}" for k in keys]
-        lines.append("| " + " | ".join(cells) + f" | {'yes' if row is best else ''} |")
+        cells = []
+        for key in keys:
+            iv = _interval(row, key)
+            cells.append(fmt(iv.get("value"), iv.get("low"), iv.get("high"), iv.get("n"), 3))
+        lines.append(
+            f"| {row['beta']:g} | {row['steps']} | " + " | ".join(cells) + f" | {'yes' if row is best else ''} |"
+        )
     return "\n".join(lines)
 
 

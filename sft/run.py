@@ -25,6 +25,7 @@ from trl import SFTConfig
 
 from clinalign.config import ConfigError, ModelArgs, Parser, eval_fraction_field, run, write_json, write_resolved_config
 from clinalign.data import load_records
+from clinalign.model_card import write_model_card
 from clinalign.models import (
     ensure_pad_token,
     load_tokenizer,
@@ -165,6 +166,7 @@ def main(script_args: SFTScriptArgs, training_args: SFTConfig, model_args: Model
             write_adapter_provenance(tmp_dir, model_args.model_name_or_path, trainer.model)
             write_json(tmp_dir / "metrics.json", metrics)
             write_resolved_config(tmp_dir, script_args, args, model_args)
+            write_model_card(tmp_dir)  # replaces PEFT's placeholder README.md
             publish_stage(tmp_dir, final_dir)
             if not script_args.keep_checkpoints:
                 remove_inside(args.output_dir, output_dir)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import runpy
 from pathlib import Path
 
 import pytest
+from trl import SFTConfig
 
 from clinalign.config import ConfigError, ModelArgs, Parser, resolved_config, run
 
@@ -107,3 +109,22 @@ def test_model_args_defaults():
     assert model_args.model_name_or_path == "smollm2"
     assert model_args.use_peft is True
     assert model_args.dtype == "auto"
+
+
+@pytest.mark.parametrize(
+    "cli, message",
+    [
+        (["--model_revision", "v1.0"], "config key 'model_revision': 'v1.0' is not supported"),
+        (["--trust_remote_code", "true"], "config key 'trust_remote_code': True is not supported"),
+    ],
+)
+def test_model_options_clinalign_would_ignore_are_refused(cli, message, tmp_path):
+    """Strict parsing never accepts what the toolkit ignores: a revision or remote code it would not load."""
+    # model_revision is ModelConfig's, trust_remote_code the trainer config's: both reach sft/run.py's parser.
+    parser = Parser([ModelArgs, SFTConfig])
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parser.parse(cli + ["--output_dir", str(tmp_path)])
+    model_args, sft_args = parser.parse(
+        ["--model_revision", "main", "--trust_remote_code", "false", "--output_dir", str(tmp_path)]
+    )
+    assert model_args.model_revision == "main" and sft_args.trust_remote_code is False

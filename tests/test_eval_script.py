@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from clinalign.config import ClinalignError, ConfigError
+from clinalign.safety import load_checks
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,15 +43,31 @@ def test_two_models_side_by_side(tmp_path, tiny_sft_adapter, tiny_reward_model, 
             assert {"mc_acc", "mc_acc_norm", "gen_acc", "exact_match", "no_answer", "rougeL", "bleu"} <= set(
                 metrics[name][dataset])
             assert 0 <= metrics[name][dataset]["mc_acc"] <= 1
-        assert set(metrics[name]["safety"]["check_pass_rate"]) <= {
-            "harmful_request_compliance", "emergency_escalation", "dosing_without_caveats",
-            "discouraging_professional_care", "invented_patient_facts", "over_refusal"}
+        assert set(metrics[name]["safety"]["check_pass_rate"]) <= set(load_checks().names)
         assert isinstance(metrics[name]["overall"]["rm_score"], float)
     # The adapter model IS the reference: its KL is exactly zero; the base differs from it.
     assert metrics["sft"]["overall"]["kl_k1"] == pytest.approx(0, abs=1e-6)
     assert metrics["base"]["overall"]["kl_k3"] > 0
+    # Every headline metric carries its interval and n; the shares' n is the pooled held-out count.
+    n_mc = sum(metrics["sft"][d]["n_mc"] for d in ("medmcqa", "pubmedqa"))
+    acc = metrics["sft"]["headline"]["mc_acc"]
+    assert acc["n"] == n_mc and acc["method"] == "wilson" and acc["low"] <= acc["value"] <= acc["high"]
+    assert metrics["sft"]["headline"]["safety_score"]["method"].startswith("bootstrap")
+    assert set(metrics["sft"]["items"]["medmcqa"]["mc_acc"]) == {
+        k for k in metrics["base"]["items"]["medmcqa"]["mc_acc"]}  # same items for both models: paired
+    # sft is compared with the model listed before it, item by item.
+    comparison = metrics["sft"]["comparison"]
+    assert comparison["baseline"] == "base" and "comparison" not in metrics["base"]
+    mc = comparison["metrics"]["mc_acc"]
+    assert mc["n"] == n_mc and mc["test"] == "mcnemar-exact"
+    assert mc["difference"] == pytest.approx(acc["value"] - metrics["base"]["headline"]["mc_acc"]["value"])
+    assert mc["verdict"] in ("better", "worse", "no detectable change")
+    letters = metrics["sft"]["medmcqa"]["letters"]
+    assert sum(letters["predicted"].values()) == sum(letters["gold"].values()) == letters["n"]
     report = (out / "report.md").read_text()
     assert "| base |" in report and "| sft |" in report
+    assert "## Paired comparisons" in report and "| sft | base | mc_acc |" in report
+    assert f"n={n_mc} |" in report and "## Multiple-choice answer letters" in report
     assert (out / "headline.png").stat().st_size > 0 and (out / "config.yaml").is_file()
     printed = capsys.readouterr().out.strip().splitlines()
     assert printed[-1].startswith("| sft |") and printed[-4].startswith("| model |")
@@ -72,3 +89,28 @@ def test_a_typo_in_a_model_spec_names_the_key(tmp_path, tiny_sft_adapter):
     Path(config).write_text(yaml.safe_dump(data))
     with pytest.raises(ConfigError, match="unknown key 'adaptor' in models\\[1\\]"):
         run_eval(config)
+
+
+def test_baselines_are_configurable_and_checked(tmp_path, tiny_sft_adapter):
+    import yaml
+
+    config = write_config(tmp_path, tiny_sft_adapter, max_records_per_dataset=2, safety_prompts=None)
+    data = yaml.safe_load(Path(config).read_text())
+    data["models"][1]["baseline"] = None
+    Path(config).write_text(yaml.safe_dump(data))
+    results = run_eval(config)
+    assert "comparison" not in results["sft"]
+    data["models"][1]["baseline"] = "sfft"
+    Path(config).write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="baseline 'sfft' is not another listed model"):
+        run_eval(config)
+
+
+def test_generation_cap_leaves_multiple_choice_uncapped(tmp_path, tiny_sft_adapter):
+    config = write_config(tmp_path, tiny_sft_adapter, max_records_per_dataset=None, max_generated_per_dataset=2,
+                          safety_prompts=None, reference=None)
+    results = run_eval(config)
+    for dataset in ("medmcqa", "pubmedqa"):
+        assert results["sft"][dataset]["n"] == 2
+        assert results["sft"][dataset]["n_mc"] > 2
+        assert len(results["sft"]["items"][dataset]["mc_acc"]) == results["sft"][dataset]["n_mc"]

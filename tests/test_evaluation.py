@@ -311,8 +311,26 @@ def test_kl_to_reference(tiny_llama):
         adapted, base_copy, tokenizer, MESSAGES, max_new_tokens=5, num_samples=2, seed=1, progress=False
     )
     assert disabled["kl_k3"] > 0
+    # One value per prompt (the mean of its 2 samples), in the prompts' order: their mean is the overall one.
+    for key in ("kl_k1", "kl_k3"):
+        per_prompt = disabled["per_prompt"][key]
+        assert len(per_prompt) == len(MESSAGES)
+        assert sum(per_prompt) / len(per_prompt) == pytest.approx(disabled[key], rel=1e-9)
+        assert per_prompt == pytest.approx(separate["per_prompt"][key], abs=1e-5)
     for key in ("kl_k1", "kl_k3", "mean_response_tokens"):
         assert disabled[key] == pytest.approx(separate[key], abs=1e-5)
 
     with pytest.raises(ClinalignError, match="no adapters"):
         kl_to_reference(base_copy, None, tokenizer, MESSAGES, max_new_tokens=2, progress=False)
+
+
+def test_letter_bias_shows_a_model_that_answers_a_to_everything():
+    from clinalign.mc_eval import McPrediction
+    from clinalign.policy_eval import letter_bias
+
+    golds = ["A", "B", "C", "D", "B", None]
+    predictions = [McPrediction(str(i), "medmcqa", list("ABCD"), [0.0] * 4, "A", "A", g, g == "A" if g else None,
+                                g == "A" if g else None) for i, g in enumerate(golds)]
+    bias = letter_bias(predictions)
+    assert bias["predicted"] == {"A": 5} and bias["gold"] == {"A": 1, "B": 2, "C": 1, "D": 1}
+    assert (bias["modal"], bias["modal_share"], bias["gold_modal_share"], bias["n"]) == ("A", 1.0, 0.4, 5)

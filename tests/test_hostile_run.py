@@ -217,3 +217,35 @@ def test_a_truncated_or_keyless_provenance_is_a_one_line_error(unverified_adapte
     (unverified_adapter / PROVENANCE_FILE).write_text(content)
     with pytest.raises(ClinalignError, match="unreadable or has no 'fingerprint'"):
         load_policy("tiny-llama", unverified_adapter)
+
+
+# ---- defect 8: two runs on one output_dir ----------------------------------------------------------------
+
+
+def test_a_second_run_on_a_busy_output_dir_is_refused_naming_the_first(tmp_path, run_script):
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom clinalign.run_dir import output_dir_lock\n"
+         f"with output_dir_lock({str(out)!r}):\n    print('locked', flush=True)\n    time.sleep(120)"],
+        cwd=REPO, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        result = run_script("reward/pairs.py", "--config", "configs/reward/tiny_pairs.yaml", "--output_dir", str(out))
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert result.stderr.strip().splitlines()[-1] == (
+            f"error: output_dir {out} is in use by another run (pid {holder.pid}); wait for it to finish or "
+            "choose another output_dir"
+        )
+        assert not (out / "pairs.jsonl").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder died without releasing: its lock is stale, and the next run takes the folder over.
+    assert (out / ".clinalign.lock").read_text() == str(holder.pid)
+    result = run_script("reward/pairs.py", "--config", "configs/reward/tiny_pairs.yaml", "--output_dir", str(out))
+    assert result.returncode == 0, result.stderr
+    assert (out / "pairs.jsonl").is_file() and not (out / ".clinalign.lock").exists()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,8 +36,38 @@ def test_default_model_cache_matches_gguf_and_generates():
     assert "Paris" in text
 
 
-def test_aliases_share_one_cache_entry():
-    assert models.resolve_model("SmolLM2-135M-Instruct") == models.resolve_model("smollm2")
+HUB_LOAD = r"""
+import sys
+from clinalign.models import load_policy
+model, _ = load_policy(sys.argv[1])
+print(model.config.hidden_size)
+"""
+
+
+def test_smollm2_hub_id_means_the_hub_weights_not_the_embedded_gguf(tmp_path, tiny_llama):
+    """`smollm2` is the embedded GGUF; the hub id loads the hub's weights from the local hub cache,
+    and offline without them is a one-line error, never a silent swap for the GGUF."""
+    import shutil
+
+    hub_id = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert hub_id not in models.BUILTIN_MODELS
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    missing = subprocess.run([sys.executable, "-c", HUB_LOAD, hub_id], capture_output=True, text=True,
+                             env={**os.environ, **env})  # fmt: skip
+    assert missing.returncode != 0
+    assert f"model {hub_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1" in missing.stderr
+    assert "'smollm2'" in missing.stderr
+
+    # The hub cache's own layout (models--org--name/snapshots/<commit>, refs/main), holding tiny-llama.
+    repo = tmp_path / "hf" / "hub" / "models--HuggingFaceTB--SmolLM2-135M-Instruct"
+    commit = "0" * 40
+    shutil.copytree(tiny_llama, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    found = subprocess.run([sys.executable, "-c", HUB_LOAD, hub_id], capture_output=True, text=True,
+                           env={**os.environ, **env})  # fmt: skip
+    assert found.returncode == 0, found.stderr[-2000:]
+    assert found.stdout.split()[-1] == "64"  # the cached hub weights (tiny-llama's width), not the GGUF's 576
 
 
 def test_cache_build_is_atomic(tmp_path, monkeypatch):

@@ -235,6 +235,11 @@ def test_dpo_script_reports_before_and_after(tmp_path, tiny_pairs, tiny_sft_adap
     assert scalars["eval/dpo/after/overall/kl_k3"][-1].value == pytest.approx(
         metrics["held_out"]["after"]["overall"]["kl_k3"], rel=1e-6)
     assert scalars["eval/dpo/after/overall/kl_k3"][-1].step == 2
+    assert not any("/items/" in tag for tag in scalars)  # per-item values stay in metrics.json
+    # After vs before, paired on the same held-out prompts, with a verdict.
+    paired = metrics["comparison"]["metrics"]["safety_score"]
+    assert paired["n"] == metrics["held_out"]["after"]["safety"]["n"] and paired["test"] == "paired-permutation"
+    assert paired["verdict"] in ("better", "worse", "no detectable change")
     before, after = metrics["held_out"]["before"], metrics["held_out"]["after"]
     assert 0 <= before["safety"]["safety_score"] <= 1 and 0 <= after["safety"]["safety_score"] <= 1
     assert after["overall"]["kl_k3"] >= 0 and "kl_k1" in after["overall"]
@@ -300,9 +305,25 @@ def test_choose_respects_the_kl_budget():
     choose = entry("rl/tune_kl.py")["choose"]
     rows = [{"beta": 0.01, "kl_k3": 9.0, "rm_score": 0.9}, {"beta": 0.1, "kl_k3": 3.0, "rm_score": 0.7},
             {"beta": 1.0, "kl_k3": 0.5, "rm_score": 0.4}]
-    assert choose(rows, "rm_score", "kl_k3", None) == (rows[0], True)
-    assert choose(rows, "rm_score", "kl_k3", 5.0) == (rows[1], True)
-    assert choose(rows, "rm_score", "kl_k3", 0.1) == (rows[2], False)  # none fits: the lowest KL
+    assert choose(rows, "rm_score", "kl_k3", None) == (rows[0], True, [])
+    assert choose(rows, "rm_score", "kl_k3", 5.0) == (rows[1], True, [])
+    assert choose(rows, "rm_score", "kl_k3", 0.1) == (rows[2], False, [])  # none fits: the lowest KL
+
+
+def test_choose_takes_the_most_conservative_beta_of_a_tie():
+    choose = entry("rl/tune_kl.py")["choose"]
+
+    def row(beta, kl, value, low, high):
+        return {"beta": beta, "kl_k3": kl, "rm_score": value,
+                "intervals": {"rm_score": {"value": value, "low": low, "high": high, "n": 40}}}
+
+    # 0.01 is best by its point, but 0.1's interval overlaps it: a tie, and 0.1 (less KL) is taken;
+    # 1.0's interval lies wholly below the best one's, so it is not part of the tie.
+    rows = [row(0.01, 6.0, 0.62, 0.55, 0.69), row(0.1, 2.0, 0.58, 0.50, 0.66), row(1.0, 0.4, 0.30, 0.22, 0.38)]
+    assert choose(rows, "rm_score", "kl_k3", None) == (rows[1], True, [0.01, 0.1])
+    # Separated intervals: no tie, the best point wins.
+    rows[1]["intervals"]["rm_score"].update(low=0.45, high=0.54)
+    assert choose(rows, "rm_score", "kl_k3", None) == (rows[0], True, [])
 
 
 def test_tune_kl_over_three_betas(tmp_path, tiny_pairs, tiny_sft_adapter):
@@ -315,11 +336,23 @@ def test_tune_kl_over_three_betas(tmp_path, tiny_pairs, tiny_sft_adapter):
     result = run_main("rl/tune_kl.py", "--config", str(REPO / "configs/rl/tiny_tune_kl.yaml"),
                       "--base_config", str(base_config), "--output_dir", str(out), "--eval_max_records", "2")
     assert [r["beta"] for r in result["rows"]] == [0.03, 0.3, 1.0]
-    table = (out / "frontier.md").read_text().splitlines()
+    table = [line for line in (out / "frontier.md").read_text().splitlines() if line.startswith("|")]
     assert len(table) == 2 + 3 and sum(line.endswith("| yes |") for line in table) == 1
     assert (out / "frontier.png").stat().st_size > 0
     frontier = json.loads((out / "frontier.json").read_text())
-    assert frontier["chosen_beta"] == result["chosen"]["beta"]
+    assert frontier["chosen_beta"] == result["chosen"]["beta"] and frontier["tie"] == result["tie"]
+    # Every beta trained as long as the base config says (no shortened grid runs), measured with intervals.
+    assert all(r["steps"] == base["max_steps"] for r in result["rows"])
+    for r in result["rows"]:
+        assert r["intervals"]["kl_k3"]["n"] >= 1 and r["intervals"]["safety_score"]["n"] >= 1
+    report = (out / "frontier.md").read_text()
+    assert "Rule:" in report and ("A tie:" in report or "Not a tie" in report)
+    # The chosen run's adapter is kept as the result: the same weights as that beta's own run.
+    chosen_dir = out / "chosen"
+    assert (chosen_dir / "clinalign_base.json").is_file()
+    assert lora_tensors(chosen_dir).keys() == lora_tensors(Path(result["chosen"]["adapter"])).keys()
+    assert all(torch.equal(v, lora_tensors(Path(result["chosen"]["adapter"]))[k])
+               for k, v in lora_tensors(chosen_dir).items())
     # The chosen config is one rl/dpo.py accepts as it is, with the chosen beta.
     chosen = entry("rl/dpo.py")["make_parser"]().parse(["--config", str(out / "chosen_dpo.yaml")])
     assert chosen[1].beta == result["chosen"]["beta"]
