@@ -259,6 +259,7 @@ def resolve_model(name_or_path: str) -> str:
     if path.is_dir():
         if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
             raise ClinalignError(f"model folder {name_or_path} holds no config.json")
+        require_safetensors(path)
         return str(path)
     looks_like_hub_id = name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~"))
     if not looks_like_hub_id:
@@ -266,6 +267,26 @@ def resolve_model(name_or_path: str) -> str:
         raise ClinalignError(f"model not found: {name_or_path} (not a folder, a hub id, or a built-in name: {builtin})")
     _check_hub_model_available(name_or_path)
     return name_or_path
+
+
+PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def require_safetensors(folder: str | Path) -> None:
+    """Refuse a model or adapter folder whose weights are pickles (unpickling runs code): one line.
+
+    Every loader reaches its folder through here (`resolve_model`, `check_adapter_base`), and hub
+    loads pass `use_safetensors=True`, so a `.bin`-only checkpoint is never unpickled.
+    """
+    folder = Path(folder)
+    if any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLED_SUFFIXES)
+    if pickled:
+        raise ClinalignError(
+            f"{folder} holds pickled weights ({pickled[0]}) and no .safetensors: clinalign loads safetensors only "
+            "(convert once with transformers' or peft's save_pretrained(..., safe_serialization=True))"
+        )
 
 
 def _check_hub_model_available(repo_id: str) -> None:
@@ -443,6 +464,7 @@ def load_causal_lm(name_or_path: str, **kwargs):
 
         return load_gpt_oss(path, dtype=kwargs.get("dtype", "auto"))
     kwargs.setdefault("device_map", device_map())  # the one device rule (clinalign.devices)
+    kwargs.setdefault("use_safetensors", True)  # never unpickle a hub checkpoint's .bin
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:
@@ -480,7 +502,9 @@ def write_adapter_provenance(adapter_dir: str | Path, base_name: str, model, **e
 
 
 def check_adapter_base(adapter_dir: str | Path, base_name: str, model) -> None:
-    """Refuse an adapter trained on another base model (same shapes would otherwise load silently)."""
+    """Refuse an adapter trained on another base model (same shapes would otherwise load silently), or
+    one whose weights are pickles."""
+    require_safetensors(adapter_dir)
     path = Path(adapter_dir) / PROVENANCE_FILE
     if not path.is_file():
         # Without it an adapter from another base of the same shapes would load silently.

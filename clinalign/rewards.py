@@ -35,6 +35,7 @@ from clinalign.models import (
     keep_bnb_gradients_on_cpu,
     load_tokenizer,
     model_type,
+    require_safetensors,
     resolve_dtype,
     resolve_model,
 )
@@ -90,7 +91,7 @@ def reward_backbone(
             )
         else:
             model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=1, dtype=dtype,
+                path, num_labels=1, dtype=dtype, use_safetensors=True,
                 **(direct if load_directly else {"device_map": direct["device_map"]}),
             )  # fmt: skip
         if sft_adapter is not None:
@@ -162,6 +163,7 @@ def load_reward_model(path: str | Path, *, dtype="auto"):
     # Scoring only: a whole, unsharded copy on every rank's device, even under ZeRO-3 (clinalign.devices).
     model = reward_backbone(recorded["base"], recorded.get("merged_adapter"), dtype=dtype,
                             quantization_config=quantization_config, whole=True)  # fmt: skip
+    require_safetensors(path)
     model = PeftModel.from_pretrained(model, path)
     if quantization_config is not None and model.config.model_type == "gpt_oss":
         from harmony.gpt_oss import quantize_experts

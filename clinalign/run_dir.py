@@ -59,6 +59,7 @@ def output_dir_lock(output_dir: str | Path):
         yield
         return
     folder = Path(output_dir)
+    created = not folder.exists()  # a run refused before any work leaves no empty folder behind
     folder.mkdir(parents=True, exist_ok=True)
     lock = folder / LOCK_NAME
     for _ in range(2):
@@ -84,3 +85,5 @@ def output_dir_lock(output_dir: str | Path):
         yield
     finally:
         lock.unlink(missing_ok=True)
+        if created and not any(folder.iterdir()):
+            folder.rmdir()

@@ -136,6 +136,24 @@ def last_complete_checkpoint(folder: Path) -> str | None:
     return None
 
 
+def restore_finished_checkpoint(trainer, checkpoint: str | None) -> bool:
+    """Where `checkpoint` is a finished run (its global step reached its max_steps: a kill came after
+    training, during the stage's eval or publishing), load its adapter weights and trainer state instead
+    of training: resuming it with `Trainer.train` would run one step past max_steps. True if restored."""
+    if checkpoint is None:
+        return False
+    from peft import set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+    from transformers import TrainerState
+
+    state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+    if not state.max_steps or state.global_step < state.max_steps:
+        return False
+    set_peft_model_state_dict(trainer.model, load_peft_weights(checkpoint, device=str(trainer.args.device)))
+    trainer.state = state
+    return True
+
+
 def split_records(records: list[Record], eval_fraction: float) -> tuple[list[Record], list[Record]]:
     """A deterministic train/eval split by a hash of each record's id (stable across runs and machines)."""
     if not 0 <= eval_fraction < 1:

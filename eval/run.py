@@ -83,6 +83,11 @@ class EvalArgs:
             "choices": ["low", "medium", "high"],
         },
     )
+    report_to: str = dataclasses.field(
+        default="none",
+        metadata={"help": "tensorboard: headline metrics (value, low, high) to OUTPUT_DIR/runs/eval.",
+                  "choices": ["none", "tensorboard"]},
+    )  # fmt: skip
     output_dir: str = dataclasses.field(
         default="runs/demo/eval", metadata={"help": "Where metrics, report and charts go."}
     )
@@ -202,6 +207,15 @@ def main(args: EvalArgs):
         + "\n\n![headline metrics](headline.png)\n"
     )
     metric_bars(rows, CHARTS, output_dir / "headline.png", "Held-out metrics per model (95% intervals)")
+    if args.report_to == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+
+        with SummaryWriter(str(output_dir / "runs" / "eval")) as writer:
+            for name, row in rows.items():
+                for metric, iv in row.items():
+                    for part in ("value", "low", "high"):
+                        if iv.get(part) is not None:
+                            writer.add_scalar(f"eval/{name}/{metric}/{part}", iv[part], 0)
     write_resolved_config(output_dir, args)
     print(table)
     return results

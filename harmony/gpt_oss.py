@@ -238,7 +238,8 @@ def load_gpt_oss(
         raise ClinalignError(
             f"{name_or_path} is quantized with {method}; GPT-OSS training needs a bf16 or MXFP4 checkpoint"
         )
-    kwargs = {**model_kwargs, "dtype": dtype, "attn_implementation": "eager", "device_map": device_map}
+    kwargs = {**model_kwargs, "dtype": dtype, "attn_implementation": "eager", "device_map": device_map,
+              "use_safetensors": True}  # fmt: skip
     if method == "mxfp4":
         kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
     elif load_in_4bit:

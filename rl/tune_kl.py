@@ -39,6 +39,7 @@ from clinalign.preferences import load_safety_prompts
 from clinalign.rewards import load_reward_model
 from clinalign.run_dir import remove_inside
 from clinalign.stats import fmt, intervals_overlap, wilson
+from clinalign.tracking import log_measurements
 
 OBJECTIVES = ("rm_score", "safety_score", "mc_acc", "gen_acc", "preference_accuracy")
 
@@ -107,6 +108,8 @@ def train_one(method: str, configs: tuple, held_out: dict, reward) -> dict:
     intervals = {k: v for k, v in headline(measured).items() if k in MEASURED}
     if preference is not None:
         intervals["preference_accuracy"] = wilson(round(preference * len(eval_rows)), len(eval_rows)).as_dict()
+    # Each beta's run reaches the trackers its config names (eval/tune_kl/beta_<b>/<metric>: value, low, high).
+    log_measurements(trainer, {f"beta_{training_args.beta:g}": intervals}, "tune_kl")
     # Every point is a finished run: the chosen one is the method's result, not trained a second time.
     trainer.save_model(training_args.output_dir)
     if trainer.accelerator.is_main_process:

@@ -41,17 +41,21 @@ from clinalign.sft import (
     last_complete_checkpoint,
     parse_curriculum,
     publish_stage,
+    restore_finished_checkpoint,
     split_records,
     stage_dir,
     stage_examples,
 )
+from clinalign.tracking import log_measurements
 
 
 @dataclasses.dataclass
 class SFTScriptArgs:
     curriculum: list[dict] = dataclasses.field(
         default_factory=list,
-        metadata={"help": "Stages in order: each {name, data, [dataset, max_steps | num_train_epochs, eval_data, ...]}."},
+        metadata={
+            "help": "Stages in order: each {name, data, [dataset, max_steps | num_train_epochs, eval_data, ...]}."
+        },
     )
     stages: list[str] | None = dataclasses.field(
         default=None, metadata={"help": "Run only these stages (by name); each starts from the stage before it."}
@@ -62,11 +66,14 @@ class SFTScriptArgs:
     )
     chat_format: str = dataclasses.field(
         default="auto",
-        metadata={"help": "auto (harmony for GPT-OSS, else the model's chat template), chat or harmony.",
-                  "choices": ["auto", "chat", "harmony"]},
+        metadata={
+            "help": "auto (harmony for GPT-OSS, else the model's chat template), chat or harmony.",
+            "choices": ["auto", "chat", "harmony"],
+        },
     )
     reasoning_effort: str = dataclasses.field(
-        default="low", metadata={"help": "Harmony system message reasoning effort.", "choices": ["low", "medium", "high"]}
+        default="low",
+        metadata={"help": "Harmony system message reasoning effort.", "choices": ["low", "medium", "high"]},
     )
     keep_checkpoints: bool = dataclasses.field(
         default=False, metadata={"help": "Keep a stage's intermediate checkpoints once its adapter is published."}
@@ -132,13 +139,18 @@ def main(script_args: SFTScriptArgs, training_args: SFTConfig, model_args: Model
             model=model,
             args=args,
             train_dataset=train_examples,
-            eval_dataset=stage_examples(eval_records, chat_format, script_args.reasoning_effort) if eval_records else None,
+            eval_dataset=stage_examples(eval_records, chat_format, script_args.reasoning_effort)
+            if eval_records
+            else None,
             processing_class=tokenizer,
         )
         accuracy_before = mc_accuracy(trainer.model, tokenizer, eval_records) if chat_format == "chat" else None
         last = last_complete_checkpoint(Path(args.output_dir)) if trainer.accelerator.is_main_process else None
         last = broadcast_object_list([last])[0]  # every process resumes from the same step
-        result = trainer.train(resume_from_checkpoint=last)
+        if restore_finished_checkpoint(trainer, last):
+            runtime = None  # trained before the kill: nothing to run again
+        else:
+            runtime = trainer.train(resume_from_checkpoint=last).metrics.get("train_runtime")
         metrics = {
             "stage": f"{position}-{stage.name}",
             "data": records.report,
@@ -150,7 +162,7 @@ def main(script_args: SFTScriptArgs, training_args: SFTConfig, model_args: Model
             "started_from": str(previous) if previous else "base",
             "train_loss_first": _first_loss(trainer),
             "train_loss_last": _last_loss(trainer),
-            "train_runtime_s": result.metrics.get("train_runtime"),
+            "train_runtime_s": runtime,
             "global_step": trainer.state.global_step,
         }
         if eval_records:
@@ -159,6 +171,9 @@ def main(script_args: SFTScriptArgs, training_args: SFTConfig, model_args: Model
                 metrics["accuracy_before"] = accuracy_before
                 metrics["accuracy_after"] = mc_accuracy(trainer.model, tokenizer, eval_records)
 
+        # Beside the loss in every report_to tracker (eval/sft/<stage>/...), at the stage's last step.
+        log_measurements(trainer, {k: metrics.get(k) for k in ("eval_loss", "accuracy_before", "accuracy_after")},
+                         f"sft/{position}-{stage.name}")  # fmt: skip
         tmp_dir = final_dir.with_name(f".{final_dir.name}.tmp")
         trainer.save_model(str(tmp_dir))  # every process takes part (ZeRO-3 gathers the adapter)
         if trainer.accelerator.is_main_process:
@@ -216,7 +231,10 @@ def _table(summary: list[dict]) -> str:
     def acc(value):
         return "-" if not value else f"{value['acc']:.3f}"
 
-    rows = ["| stage | train loss first | train loss last | eval loss | acc before | acc after |", "|---|---|---|---|---|---|"]
+    rows = [
+        "| stage | train loss first | train loss last | eval loss | acc before | acc after |",
+        "|---|---|---|---|---|---|",
+    ]
     for m in summary:
         rows.append(
             f"| {m.get('stage')} | {fmt(m.get('train_loss_first'))} | {fmt(m.get('train_loss_last'))} | "

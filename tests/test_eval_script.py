@@ -114,3 +114,16 @@ def test_generation_cap_leaves_multiple_choice_uncapped(tmp_path, tiny_sft_adapt
         assert results["sft"][dataset]["n"] == 2
         assert results["sft"][dataset]["n_mc"] > 2
         assert len(results["sft"]["items"][dataset]["mc_acc"]) == results["sft"][dataset]["n_mc"]
+
+
+def test_headline_metrics_reach_tensorboard(tmp_path, tiny_sft_adapter):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = write_config(tmp_path, tiny_sft_adapter, max_records_per_dataset=2, safety_prompts=None,
+                          report_to="tensorboard")  # fmt: skip
+    results = run_eval(config)
+    events = EventAccumulator(str(tmp_path / "eval" / "runs" / "eval"))
+    events.Reload()
+    acc = results["sft"]["headline"]["mc_acc"]
+    assert events.Scalars("eval/sft/mc_acc/value")[-1].value == pytest.approx(acc["value"])
+    assert events.Scalars("eval/sft/mc_acc/low")[-1].value == pytest.approx(acc["low"])

@@ -1,11 +1,13 @@
-"""Hostile input to the converters and the JSONL reader (issue 17 items 4, 6, 10): each a regression test."""
+"""Hostile input to the converters and the JSONL reader (issue 17 items 2, 4, 6, 10): each a regression test."""
 
 import json
+from pathlib import Path
 
 from clinalign.data import load_records
 from clinalign.data.__main__ import main
 from clinalign.jsonl import BadLine, read_jsonl
 
+REPO = Path(__file__).resolve().parents[1]
 ROW = {"question": "Which nerve?", "opa": "ulnar", "opb": "radial", "opc": "median", "opd": "axillary", "cop": 1, "id": "q1"}
 
 
@@ -97,3 +99,30 @@ def test_score_reader_skips_each_bad_line_with_its_number(tmp_path):
     assert summary["lines"] == 2 and summary["skipped"] == 7
     assert [b["line"] for b in summary["skipped_lines"]] == [2, 3, 4, 5, 6, 8, 9]
     assert [json.loads(x)["response"] for x in out.read_text(encoding="utf-8").split("\n") if x] == ["first", "one\u2028line"]
+
+
+# ---- defect 2: one record relabels a whole file ---------------------------------------------------------
+
+
+def test_one_records_keys_never_relabel_its_file(tmp_path):
+    """An `exp` field (MedMCQA's explanation key) on 1 of 64 MedQA records once made all of them
+    `medmcqa`; now the file's name and its majority decide, and the odd record is a counted skip."""
+    import collections
+
+    rows = [json.loads(line) for line in (REPO / "clinalign/sample_data/medqa_us_test.jsonl").open()]
+    rows = [{"question": r["question"], "options": r["options"], "answer_idx": r.get("answer_idx")} for r in rows]
+    rows[7]["exp"] = "An explanation."
+    path = tmp_path / "medqa_test.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = load_records(str(path))
+    assert collections.Counter(r.source for r in result.records) == {"medqa": len(result.records)}
+    assert result.report["skipped"]["medmcqa_record_in_medqa_file"] == 1
+    assert result.report["read"] == len(result.records) + sum(result.report["skipped"].values())
+    assert all(r.id.startswith("medqa") for r in result.records)
+    # The same file under a name that says nothing: no clear majority of votes, so the content decides.
+    anonymous = tmp_path / "questions.jsonl"
+    anonymous.write_text(path.read_text())
+    assert {r.source for r in load_records(str(anonymous)).records} == {"medqa"}
+    # --dataset still overrides everything, the odd record included.
+    forced = load_records(str(path), dataset="medqa")
+    assert "medmcqa_record_in_medqa_file" not in forced.report["skipped"]

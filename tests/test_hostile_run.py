@@ -249,3 +249,38 @@ def test_a_second_run_on_a_busy_output_dir_is_refused_naming_the_first(tmp_path,
     result = run_script("reward/pairs.py", "--config", "configs/reward/tiny_pairs.yaml", "--output_dir", str(out))
     assert result.returncode == 0, result.stderr
     assert (out / "pairs.jsonl").is_file() and not (out / ".clinalign.lock").exists()
+
+
+# ---- safetensors only ------------------------------------------------------------------------------------
+
+
+def test_pickled_weights_are_refused_everywhere_a_model_or_adapter_loads(
+    tmp_path, tiny_llama, tiny_sft_adapter, tiny_reward_model
+):
+    import shutil
+
+    from clinalign.config import ClinalignError
+    from clinalign.models import load_causal_lm, load_policy
+    from clinalign.rewards import load_reward_model
+
+    def pickle_weights(folder: Path, name: str) -> None:
+        weights = load_file(str(folder / f"{name}.safetensors"))
+        (folder / f"{name}.safetensors").unlink()
+        torch.save(weights, folder / f"{'pytorch_model' if name == 'model' else name}.bin")
+
+    model_dir = tmp_path / "pickled-model"
+    shutil.copytree(tiny_llama, model_dir)
+    pickle_weights(model_dir, "model")
+    assert (model_dir / "pytorch_model.bin").is_file() and not list(model_dir.glob("*.safetensors"))
+    with pytest.raises(ClinalignError, match=r"pickled-model holds pickled weights \(pytorch_model.bin\)"):
+        load_causal_lm(str(model_dir))
+    adapter_dir = tmp_path / "pickled-adapter"
+    shutil.copytree(tiny_sft_adapter, adapter_dir)
+    pickle_weights(adapter_dir, "adapter_model")
+    with pytest.raises(ClinalignError, match=r"pickled-adapter holds pickled weights \(adapter_model.bin\)"):
+        load_policy("tiny-llama", adapter_dir)
+    reward_dir = tmp_path / "pickled-reward"
+    shutil.copytree(tiny_reward_model, reward_dir)
+    pickle_weights(reward_dir, "adapter_model")
+    with pytest.raises(ClinalignError, match=r"pickled-reward holds pickled weights \(adapter_model.bin\)"):
+        load_reward_model(str(reward_dir))

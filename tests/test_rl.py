@@ -328,7 +328,7 @@ def test_choose_takes_the_most_conservative_beta_of_a_tie():
 
 def test_tune_kl_over_three_betas(tmp_path, tiny_pairs, tiny_sft_adapter):
     base = yaml.safe_load((REPO / "configs/rl/tiny_dpo.yaml").read_text())
-    base.update(pairs=str(tiny_pairs), sft_adapter=str(tiny_sft_adapter), eval_max_records=2,
+    base.update(pairs=str(tiny_pairs), sft_adapter=str(tiny_sft_adapter), eval_max_records=2, report_to="tensorboard",
                 eval_data=[str(REPO / "clinalign/sample_data/medmcqa_train.jsonl")])
     base_config = tmp_path / "base.yaml"
     base_config.write_text(yaml.safe_dump(base))
@@ -345,6 +345,11 @@ def test_tune_kl_over_three_betas(tmp_path, tiny_pairs, tiny_sft_adapter):
     assert all(r["steps"] == base["max_steps"] for r in result["rows"])
     for r in result["rows"]:
         assert r["intervals"]["kl_k3"]["n"] >= 1 and r["intervals"]["safety_score"]["n"] >= 1
+    # Each beta's measurements reached its run's tracker, interval bounds included.
+    first = result["rows"][0]
+    scalars = tensorboard_scalars(Path(first["adapter"]))
+    assert scalars["eval/tune_kl/beta_0.03/kl_k3/value"][-1].value == pytest.approx(first["kl_k3"])
+    assert "eval/tune_kl/beta_0.03/kl_k3/high" in scalars
     report = (out / "frontier.md").read_text()
     assert "Rule:" in report and ("A tie:" in report or "Not a tie" in report)
     # The chosen run's adapter is kept as the result: the same weights as that beta's own run.

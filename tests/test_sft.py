@@ -209,3 +209,30 @@ def test_kill_in_stage_two_then_resume(tmp_path):
     # The newest checkpoint the kill left complete (a half-written one is discarded, not loaded).
     assert metrics["resumed_from_step"] == max(complete)
     assert metrics["global_step"] == 6
+
+
+def test_a_kill_after_training_resumes_without_an_extra_step(tmp_path):
+    """Killed after the last step (during the stage's eval or publishing), the rerun restores the final
+    checkpoint instead of training: it used to run step 3 of max_steps 2."""
+    import shutil
+
+    config = yaml.safe_load(Path(TINY).read_text())
+    config["curriculum"] = [{"name": "medqa", "data": "clinalign/sample_data/medqa_us_test.jsonl", "max_steps": 2}]
+    config.update(eval_max_records=2, keep_checkpoints=True, output_dir=str(tmp_path / "run"), report_to="tensorboard")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    entry = runpy.run_path(str(REPO / "sft" / "run.py"), run_name="sft_test")
+    entry["main"](*entry["make_parser"]().parse(["--config", str(tmp_path / "c.yaml")]))
+    stage = tmp_path / "run" / "stages" / "1-medqa"
+    trained = lora_weights(stage)
+    # The stage's own measurements reached the tracker beside its loss.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((tmp_path / "run").glob("checkpoints/1-medqa/runs/*"))))
+    events.Reload()
+    after = json.loads((stage / "metrics.json").read_text())["accuracy_after"]
+    assert events.Scalars("eval/sft/1-medqa/accuracy_after/acc")[-1].value == pytest.approx(after["acc"])
+    shutil.rmtree(stage)  # what a kill before publishing leaves: the checkpoints, no stage
+    entry["main"](*entry["make_parser"]().parse(["--config", str(tmp_path / "c.yaml")]))
+    metrics = json.loads((stage / "metrics.json").read_text())
+    assert (metrics["resumed_from_step"], metrics["global_step"]) == (2, 2)
+    assert all(torch.equal(v, lora_weights(stage)[k]) for k, v in trained.items())

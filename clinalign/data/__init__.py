@@ -294,6 +294,7 @@ def _convert(source: Source, dataset: str, keep_unlabeled: bool) -> ConversionRe
     read = 0
     append = records.append
     rows_per_schema: dict[Schema, int] = {}
+    schema_mismatch: dict[Schema, str | None] = {}
     for batch in source.batches:
         ctx.split = batch.split
         ids = batch.ids
@@ -316,6 +317,14 @@ def _convert(source: Source, dataset: str, keep_unlabeled: bool) -> ConversionRe
                 except Exception as error:
                     result = f"unexpected_{type(error).__name__}"
             rows_per_schema[schema] = rows_per_schema.get(schema, 0) + 1
+            if result.__class__ is Record and not ctx.explicit:
+                # Keys decide a schema, so one look per schema says whether its records fit the file.
+                mismatch = schema_mismatch.get(schema, False)
+                if mismatch is False:
+                    own = _unwrap(row) if isinstance(row, dict) and ("data" in row or "instances" in row) else row
+                    mismatch = schema_mismatch[schema] = family_mismatch(own, ctx)
+                if mismatch is not None:
+                    result = mismatch
             if result.__class__ is Record:
                 append(result)
             else:
@@ -392,45 +401,60 @@ def family_from_name(name: str) -> str | None:
     return None
 
 
-def _guess_family(sample: list[Any], hints: list[str]) -> tuple[str, bool]:
-    """The family of a file's records: their keys, then names (wrappers, file name), then content.
+def _vote(row: Any) -> str | None:
+    """The family one record's own keys or names point to (None: they say nothing)."""
+    if not isinstance(row, dict):
+        return None
+    if isinstance(row.get("source"), str) and row["source"] in FAMILIES:
+        return row["source"]
+    if "ope" in row and "question_type" in row:
+        return "cnmleqa"
+    if pubmedqa.signal(row) or _has_decision_options(row):
+        return "pubmedqa"
+    if medmcqa.signal(row):
+        return "medmcqa"
+    if medqa.signal(row):
+        return "medqa"
+    return next(
+        (family_from_name(v) for k in ("name", "dataset_name", "source_dataset") if isinstance(v := row.get(k), str)),
+        None,
+    )
 
-    The flag says whether keys or names decided it (False: only the content guess did).
+
+def _guess_family(sample: list[Any], hints: list[str]) -> tuple[str, bool]:
+    """The family of a file's records: the file's name (or a wrapper's), unless a clear majority of its
+    records' keys or names says otherwise; with no name, that majority; then the content.
+
+    Never one record's vote: an `exp` field on 1 of 300 MedQA records once relabelled the whole file
+    MedMCQA (ids, held-out hash and all). The flag says whether keys or names decided it (False: only
+    the content guess did).
     """
-    votes: collections.Counter[str] = collections.Counter()
-    for row in sample:
-        if not isinstance(row, dict):
-            continue
-        if isinstance(row.get("source"), str) and row["source"] in FAMILIES:
-            votes[row["source"]] += 1
-        elif "ope" in row and "question_type" in row:
-            votes["cnmleqa"] += 1
-        elif pubmedqa.signal(row) or _has_decision_options(row):
-            votes["pubmedqa"] += 1
-        elif medmcqa.signal(row):
-            votes["medmcqa"] += 1
-        elif medqa.signal(row):
-            votes["medqa"] += 1
-        else:
-            named = next(
-                (
-                    family_from_name(v)
-                    for k in ("name", "dataset_name", "source_dataset")
-                    if isinstance(v := row.get(k), str)
-                ),
-                None,
-            )
-            if named:
-                votes[named] += 1
+    votes = collections.Counter(v for row in sample if (v := _vote(row)))
+    records = sum(isinstance(row, dict) for row in sample)
+    named = next((family for hint in hints if (family := family_from_name(hint))), None)
     if votes:
+        top, count = votes.most_common(1)[0]
+        if top == named or count * 2 > records:
+            return top, True
+    if named:
+        return named, True
+    if votes and len(votes) == 1 and sum(votes.values()) == records:
         return votes.most_common(1)[0][0], True
-    for hint in hints:
-        if named := family_from_name(hint):
-            return named, True
-    # No key or name says: USMLE-style clinical vignettes are MedQA, short items MedMCQA.
+    # No name and no clear majority: USMLE-style clinical vignettes are MedQA, short items MedMCQA.
     questions = [row.get("question", "") for row in sample if isinstance(row, dict)]
     vignettes = sum(isinstance(q, str) and "year-old" in q[:200] for q in questions)
     return ("medqa" if questions and vignettes * 2 >= len(questions) else "medmcqa"), False
+
+
+def family_mismatch(row: Any, ctx: Context) -> str | None:
+    """The skip reason of a record whose own keys say another family than its file's (None: it fits).
+
+    A record naming its `source` keeps it (canonical files mix datasets); --dataset overrides all.
+    """
+    if ctx.explicit or not isinstance(row, dict) or "source" in row:
+        return None
+    vote = _vote(row)
+    return f"{vote}_record_in_{ctx.family}_file" if vote is not None and vote != ctx.family else None
 
 
 def _has_decision_options(row: dict) -> bool:
