@@ -126,3 +126,51 @@ def test_one_records_keys_never_relabel_its_file(tmp_path):
     # --dataset still overrides everything, the odd record included.
     forced = load_records(str(path), dataset="medqa")
     assert "medmcqa_record_in_medqa_file" not in forced.report["skipped"]
+
+
+# ---- reward/score.py's reader under random lines ----------------------------------------------------------
+
+
+def test_the_score_reader_scores_every_good_line_and_counts_every_bad_one(tmp_path_factory):
+    """Random JSON values, broken bytes and valid lines mixed: the run never raises, every valid line
+    comes out scored and unchanged in order, and every other line is a counted skip with its number."""
+    import runpy
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    entry = runpy.run_path(str(REPO / "reward" / "score.py"), run_name="score_fuzz")
+    text = st.text(alphabet=st.characters(blacklist_categories=["Cs"]), max_size=30)
+    json_value = st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | text,
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(text, inner, max_size=3),
+        max_leaves=8,
+    )
+    hostile_object = st.dictionaries(st.sampled_from(["prompt", "response", "chosen", "rejected", "record", "x"]),
+                                     json_value, max_size=4)  # fmt: skip
+    valid = st.builds(lambda p, r: {"prompt": p, "response": r}, text, text)
+    line = (
+        valid.map(lambda v: ("good", json.dumps(v).encode()))
+        | (json_value | hostile_object).map(lambda v: ("unknown", json.dumps(v).encode()))
+        | st.binary(max_size=20).map(lambda b: ("unknown", b.replace(b"\n", b" ").replace(b"\r", b" ")))
+    )
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+    @given(st.lists(line, min_size=1, max_size=15))
+    def check(lines):
+        folder = tmp_path_factory.mktemp("score")
+        source = folder / "in.jsonl"
+        source.write_bytes(b"\n".join(raw for _, raw in lines) + b"\n")
+        summary = entry["main"](*entry["make_parser"]().parse(
+            ["--input", str(source), "--output", str(folder / "out.jsonl")]))  # fmt: skip
+        scored = [json.loads(x) for x in (folder / "out.jsonl").read_text().split("\n") if x]  # not splitlines: U+0085
+        skipped = [s["line"] for s in summary["skipped_lines"]]
+        nonblank = [i for i, (_, raw) in enumerate(lines, 1) if raw.strip()]
+        assert len(scored) + len(skipped) == len(nonblank)
+        assert set(skipped) <= set(nonblank)
+        good = [json.loads(raw) for kind, raw in lines if kind == "good"]
+        kept = [{k: row[k] for k in ("prompt", "response")} for row in scored if set(row) >= {"prompt", "response"}]
+        assert [g for g in good] == [k for k in kept if k in good][: len(good)]  # every valid line, unchanged, in order
+        assert all("safety" in row for row in scored)
+
+    check()
