@@ -141,32 +141,58 @@ def generate(
     `reasoning_effort` is the harmony setting SFT trained with (GPT-OSS only); `skip_special_tokens`
     applies to chat-template models (a harmony answer is parsed from its tokens).
     """
-    harmony = uses_harmony(model)
     prompts = prompt_ids(model, tokenizer, messages_list, reasoning_effort=reasoning_effort)
+    answers = decode(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                     skip_special_tokens=skip_special_tokens, progress=progress)  # fmt: skip
+    return [only for (only,) in answers]
+
+
+@torch.no_grad()
+def decode(
+    model,
+    tokenizer,
+    prompts: Sequence[list[int]],
+    *,
+    max_new_tokens: int = 256,
+    batch_size: int = 8,
+    sampling: dict | None = None,
+    num_return_sequences: int = 1,
+    skip_special_tokens: bool = True,
+    progress: bool = True,
+) -> list[list[Generation]]:
+    """The one decoding loop: `num_return_sequences` answers per prompt (token ids), in order; greedy, or
+    sampled with `sampling` ({temperature, top_p, top_k}). Left-padded batches, the model's stop tokens,
+    the padding after each stop dropped, each answer read by `read_generation`."""
+    harmony = uses_harmony(model)
     device = next(model.parameters()).device
     stop_ids = _eos_ids(model, tokenizer)
-    generations: list[Generation | None] = [None] * len(prompts)
+    options = (
+        {"do_sample": True, **sampling}
+        if sampling is not None
+        else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    )
+    answers: list[list[Generation]] = [[] for _ in prompts]
     with _eval_mode(model):
-        for batch in tqdm(_batches(prompts, batch_size), desc="generating", unit="batch", disable=not progress):
+        for batch in tqdm(_batches(list(prompts), batch_size), desc="generating", unit="batch", disable=not progress):
             enc = _left_padded(tokenizer, [prompts[i] for i in batch], device)
             out = model.generate(
                 **enc,
                 max_new_tokens=max_new_tokens,
-                do_sample=False,
-                temperature=None,
-                top_p=None,
-                top_k=None,
+                num_return_sequences=num_return_sequences,
                 eos_token_id=sorted(stop_ids),
                 pad_token_id=tokenizer.pad_token_id,
+                **options,
                 **no_router_logits(model),  # GPT-OSS's aux-loss path fails on padded batches while decoding
             )
             new_tokens = out[:, enc["input_ids"].shape[1] :]
             keep = _response_mask(new_tokens, stop_ids).bool()  # drop the padding after each stop token
-            for i, tokens, kept in zip(batch, new_tokens, keep):
-                generations[i] = read_generation(
-                    tokenizer, tokens[kept].tolist(), harmony=harmony, skip_special_tokens=skip_special_tokens
+            # generate() returns each prompt's sequences next to each other
+            for row, (tokens, kept) in enumerate(zip(new_tokens, keep)):
+                answers[batch[row // num_return_sequences]].append(
+                    read_generation(tokenizer, tokens[kept].tolist(), harmony=harmony,
+                                    skip_special_tokens=skip_special_tokens)  # fmt: skip
                 )
-    return generations
+    return answers
 
 
 def generate_responses(

@@ -47,23 +47,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from clinalign.config import ClinalignError, ConfigError, ModelArgs, Parser, resolved_config, run, write_json
 from clinalign.data import convert_record
 from clinalign.data.records import Record
-from clinalign.evaluation import (
-    Generation,
-    _batches,
-    _eos_ids,
-    _left_padded,
-    _response_mask,
-    prompt_ids,
-    read_generation,
-    uses_harmony,
-)
+from clinalign.evaluation import Generation, decode, prompt_ids, uses_harmony
 from clinalign.jsonl import BadLine, read_jsonl
-from clinalign.mc_eval import no_router_logits
 from clinalign.models import PROVENANCE_FILE, load_policy, model_init_kwargs, quantize_after_lora
 from clinalign.prompts import free_text_messages, prompt_messages
 from clinalign.safety import check_safety
@@ -206,38 +195,9 @@ def generate_answers(
     so a greedy answer here is the answer eval scores; sampling draws from the model's distribution
     with the given temperature / top-p / top-k.
     """
-    harmony = uses_harmony(model)
-    device = next(model.parameters()).device
-    stop_ids = _eos_ids(model, tokenizer)
-    decoding = (
-        {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k}
-        if do_sample
-        else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    )
-    answers: list[list[Generation]] = [[] for _ in prompts]
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in tqdm(_batches(list(prompts), batch_size), desc="generating", unit="batch", disable=not progress):
-            enc = _left_padded(tokenizer, [prompts[i] for i in batch], device)
-            out = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                num_return_sequences=num_return_sequences,
-                eos_token_id=sorted(stop_ids),
-                pad_token_id=tokenizer.pad_token_id,
-                **decoding,
-                **no_router_logits(model),  # GPT-OSS's aux-loss path fails on padded batches while decoding
-            )
-            new_tokens = out[:, enc["input_ids"].shape[1] :]
-            keep = _response_mask(new_tokens, stop_ids).bool()  # drop the padding after each stop token
-            # generate() returns each prompt's sequences next to each other
-            for row, (tokens, kept) in enumerate(zip(new_tokens, keep)):
-                owner = batch[row // num_return_sequences]
-                answers[owner].append(read_generation(tokenizer, tokens[kept].tolist(), harmony=harmony))
-    finally:
-        model.train(was_training)
-    return answers
+    sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k} if do_sample else None
+    return decode(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                  sampling=sampling, num_return_sequences=num_return_sequences, progress=progress)  # fmt: skip
 
 
 def output_rows(questions: list[dict], answers: list[list[Generation]], model_info: dict, harmony: bool) -> list[dict]:
