@@ -37,7 +37,7 @@ import timeit
 from pathlib import Path
 
 from clinalign.data import convert_file, load_records, write_records
-from clinalign.data.records import Record, normalize_text
+from clinalign.records import Record, normalize_text
 
 WORDS = (
     "artery nerve muscle drug dose renal hepatic cardiac acute chronic syndrome deficiency receptor "

@@ -28,7 +28,6 @@ import time
 
 import torch
 
-from clinalign.data.records import Record
 from clinalign.mc_eval import (
     choose,
     encode_pair,
@@ -38,6 +37,7 @@ from clinalign.mc_eval import (
     score_multiple_choice,
 )
 from clinalign.models import load_policy
+from clinalign.records import Record
 
 # (question, options, answer) in the MedQA-USMLE style: a clinical vignette, four options.
 MEDQA = [

@@ -18,9 +18,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from clinalign import tasks
 from clinalign.data import load_records
-from clinalign.data.records import EVAL_FRACTION
-from clinalign.policy_eval import held_out_records
+from clinalign.records import EVAL_FRACTION
 from clinalign.stats import wilson
 
 
@@ -39,7 +39,7 @@ def main() -> None:
     answers = run / "answers"
     answers.mkdir(parents=True, exist_ok=True)
     records = [r for path in sorted((run / "data").glob("*.jsonl")) for r in load_records(str(path)).records]
-    held_out = held_out_records([r for r in records if r.answer is not None], EVAL_FRACTION)
+    held_out = tasks.split([r for r in records if r.answer is not None], EVAL_FRACTION)[1]
     questions = answers / "questions.jsonl"
     questions.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in held_out))
 

@@ -64,9 +64,10 @@ from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments, set_seed
 
+from clinalign import tasks
 from clinalign.data import load_records
 from clinalign.models import ensure_pad_token, load_causal_lm, load_tokenizer, model_init_kwargs
-from clinalign.sft import PlainLossSFTTrainer, split_records, stage_examples
+from clinalign.sft import PlainLossSFTTrainer, stage_examples
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "sft" / "smollm2_lora.yaml"
@@ -86,7 +87,7 @@ def mixed_records(per_source: int) -> tuple[list, list]:
     trains, held_outs = [], []
     for name in SOURCES:
         records = [r for r in load_records(str(SAMPLES / name)).records if r.answer is not None]
-        train, held_out = split_records(records, EVAL_FRACTION)
+        train, held_out = tasks.split(records, EVAL_FRACTION)
         if len(train) < per_source:
             raise SystemExit(f"{name} has only {len(train)} train records, fewer than --per-source {per_source}")
         trains.append(train[:per_source])

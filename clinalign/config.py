@@ -19,7 +19,6 @@ import contextlib
 import dataclasses
 import difflib
 import enum
-import json
 import os
 import re
 import sys
@@ -32,13 +31,8 @@ from typing import Any
 import yaml
 from trl import ModelConfig, TrlParser
 
-
-class ClinalignError(Exception):
-    """A problem with the user's input (config, data, model path): shown as one line, exit status 2."""
-
-
-class ConfigError(ClinalignError):
-    """A config key, value or file that cannot be used."""
+from clinalign.errors import ClinalignError, ConfigError
+from clinalign.json_io import to_plain
 
 
 @dataclasses.dataclass
@@ -212,7 +206,7 @@ class Parser(TrlParser):
 
 def eval_fraction_field() -> Any:
     """The `eval_fraction` option of every stage: one default, one meaning (see records.EVAL_FRACTION)."""
-    from clinalign.data.records import EVAL_FRACTION
+    from clinalign.records import EVAL_FRACTION
 
     return dataclasses.field(
         default=EVAL_FRACTION,
@@ -302,21 +296,6 @@ def _check_ranges(config: Any) -> None:
         raise ConfigError(f"config key 'output_dir': {output_dir} is a file, not a folder")
 
 
-def to_plain(value: Any) -> Any:
-    """A config value as plain YAML/JSON data (enums to their values, dataclasses to dicts)."""
-    if isinstance(value, enum.Enum):
-        return value.value
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: to_plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
-    if isinstance(value, dict):
-        return {str(k): to_plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_plain(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
-
-
 def resolved_config(*configs: Any) -> dict[str, Any]:
     """The flat key: value mapping of parsed dataclasses, loadable again with `--config`."""
     resolved: dict[str, Any] = {}
@@ -334,23 +313,21 @@ def write_resolved_config(output_dir: str | Path, *configs: Any, name: str = "co
     return path
 
 
-def write_json(path: str | Path, data: Any) -> Path:
-    """Write JSON atomically (temp file + rename), so a killed run never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(to_plain(data), indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
-def run(main: Callable[..., Any], parser: Parser, args: Sequence[str] | None = None) -> Any:
+def run(
+    main: Callable[..., Any], parser: Parser, args: Sequence[str] | None = None, *, upstream_patches: bool = False
+) -> Any:
     """Parse, call `main(*configs)` holding the run's `output_dir` (one run per folder: a second one is
-    refused, naming the first's pid), and turn a `ClinalignError` into one line on stderr + exit 2."""
+    refused, naming the first's pid), and turn a `ClinalignError` into one line on stderr + exit 2.
+
+    `upstream_patches`: a script that loads models applies clinalign.compat's patches here, at its
+    start, after their version checks (a data-only script imports no TRL at all)."""
+    from clinalign import compat
     from clinalign.run_dir import output_dir_lock
 
     try:
         configs = parser.parse(args)
+        if upstream_patches:
+            compat.apply()
         output_dirs = [c.output_dir for c in configs if isinstance(getattr(c, "output_dir", None), str) and c.output_dir]
         with output_dir_lock(output_dirs[0]) if output_dirs else contextlib.nullcontext():
             return main(*configs)

@@ -19,6 +19,9 @@ import contextlib
 
 import torch
 
+from clinalign.compat import cpu_has_avx512_bf16
+from clinalign.errors import ClinalignError
+
 
 def process_device() -> torch.device:
     """This process's compute device, as accelerate assigns it (the local rank's under a launch)."""
@@ -44,11 +47,29 @@ def whole_on_every_rank():
     For models that are merged into, quantized, or only scored: all need every weight on the rank
     that uses it. (DeepSpeed still shards a trained model when the trainer prepares it.)
     """
-    from transformers.integrations import deepspeed
+    from clinalign.compat import without_deepspeed_config
 
-    saved = deepspeed._hf_deepspeed_config_weak_ref
-    deepspeed.unset_hf_deepspeed_config()
-    try:
+    with without_deepspeed_config():
         yield
-    finally:
-        deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
+# ----------------------------------------------------------------------------------------------
+# The compute dtype
+
+
+def has_fast_bf16() -> bool:
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return cpu_has_avx512_bf16()
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """'auto' -> bfloat16 where bf16 matmuls are fast (CUDA with bf16, AVX512-BF16 CPUs), else float32."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if has_fast_bf16() else torch.float32
+    try:
+        return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
+    except KeyError:
+        raise ClinalignError(f"unknown dtype '{dtype}' (use auto, bfloat16, float16 or float32)") from None

@@ -14,13 +14,13 @@ import dataclasses
 from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
+from clinalign.compat import score_only_labelled_positions
 from clinalign.config import eval_fraction_field
 from clinalign.models import (
     ensure_pad_token,
     load_tokenizer,
     load_trainable_policy,
     quantize_after_lora,
-    score_only_labelled_positions,
 )
 from clinalign.preferences import read_pairs, split_pairs
 from clinalign.sampling import PairLengthGrouping

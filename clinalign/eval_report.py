@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from clinalign.policy_eval import interval, pooled
 from clinalign.stats import compare, fmt
+from clinalign.tables import markdown_table
 
 HEADLINE = ["mc_acc", "mc_acc_norm", "gen_acc", "exact_match", "no_answer", "rougeL", "bleu", "safety_score",
             "over_refusal_rate", "rm_score", "kl_k1", "kl_k3"]  # fmt: skip
@@ -45,29 +46,22 @@ def _cell(iv: dict, digits: int = 2) -> str:
 
 
 def headline_table(rows: dict[str, dict[str, dict]]) -> str:
-    lines = ["| model | " + " | ".join(HEADLINE) + " |", "|---|" + "---|" * len(HEADLINE)]
-    for name, row in rows.items():
-        lines.append(f"| {name} | " + " | ".join(_cell(row[k]) for k in HEADLINE) + " |")
-    return "\n".join(lines)
+    return markdown_table(["model", *HEADLINE], [[name, *(_cell(row[k]) for k in HEADLINE)] for name, row in rows.items()])
 
 
 def comparison_table(comparisons: dict[str, dict]) -> str:
-    lines = [
-        "| model | baseline | metric | difference [95% CI] | n | p | test | verdict |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for name, entry in comparisons.items():
-        for metric, c in entry["metrics"].items():
-            diff = fmt(c["difference"], c["low"], c["high"], None, 3)
-            p = "-" if c["p"] is None else f"{c['p']:.3g}"
-            lines.append(f"| {name} | {entry['baseline']} | {metric} | {diff} | {c['n']} | {p} | {c['test']} | "
-                         f"{c['verdict']} |")  # fmt: skip
-    return "\n".join(lines)
+    rows = [
+        [name, entry["baseline"], metric, fmt(c["difference"], c["low"], c["high"], None, 3), c["n"],
+         "-" if c["p"] is None else f"{c['p']:.3g}", c["test"], c["verdict"]]
+        for name, entry in comparisons.items()
+        for metric, c in entry["metrics"].items()
+    ]  # fmt: skip
+    return markdown_table(["model", "baseline", "metric", "difference [95% CI]", "n", "p", "test", "verdict"], rows)
 
 
 def letters_table(results: dict[str, dict]) -> str:
     """Per model and dataset: predicted vs gold label counts, and the modal prediction's share."""
-    lines = ["| model | dataset | predicted | gold | modal share (gold's) | n |", "|---|---|---|---|---|---|"]
+    rows = []
     for name, per_model in results.items():
         for dataset, metrics in per_model.items():
             letters = metrics.get("letters") if isinstance(metrics, dict) else None
@@ -76,5 +70,5 @@ def letters_table(results: dict[str, dict]) -> str:
             predicted = " ".join(f"{k}:{v}" for k, v in letters["predicted"].items())
             gold = " ".join(f"{k}:{v}" for k, v in letters["gold"].items())
             share = f"{letters['modal']} {letters['modal_share']:.2f} ({letters['gold_modal_share']:.2f})"
-            lines.append(f"| {name} | {dataset} | {predicted} | {gold} | {share} | {letters['n']} |")
-    return "\n".join(lines)
+            rows.append([name, dataset, predicted, gold, share, letters["n"]])
+    return markdown_table(["model", "dataset", "predicted", "gold", "modal share (gold's)", "n"], rows)

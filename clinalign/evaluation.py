@@ -30,10 +30,10 @@ import torch
 from tqdm.auto import tqdm
 from trl.trainer.utils import use_adapter
 
-from clinalign.config import ClinalignError
-from clinalign.data.records import Record, normalize_text
-from clinalign.mc_eval import no_router_logits
+from clinalign.errors import ClinalignError
+from clinalign.models import no_router_logits
 from clinalign.prompts import answer_line
+from clinalign.records import Record, normalize_text
 
 EXPLANATION_MARKER = "Explanation:"
 

@@ -34,17 +34,13 @@ import torch
 import yaml
 from peft import PeftModel
 
-from clinalign.config import ClinalignError, ConfigError, Parser, run, write_json, write_resolved_config
+from clinalign.adapters import PROVENANCE_FILE, check_adapter_base, read_adapter_config
+from clinalign.config import Parser, run, write_resolved_config
+from clinalign.devices import resolve_dtype
+from clinalign.errors import ClinalignError, ConfigError
+from clinalign.json_io import write_json
 from clinalign.model_card import EXPORT_FILE, stage_kind, write_model_card
-from clinalign.models import (
-    PROVENANCE_FILE,
-    check_adapter_base,
-    ensure_pad_token,
-    load_policy,
-    load_tokenizer,
-    model_type,
-    resolve_dtype,
-)
+from clinalign.models import ensure_pad_token, load_policy, load_tokenizer, model_type, no_router_logits
 from clinalign.prompts import CLINICAL_INSTRUCTIONS
 from clinalign.rewards import reward_backbone
 
@@ -90,11 +86,9 @@ def check_hub(repo_id: str) -> None:
 
 
 def _adapter_facts(adapter: Path) -> dict:
-    if not (adapter / "adapter_config.json").is_file():
-        raise ClinalignError(f"adapter not found: {adapter} (no adapter_config.json)")
+    adapter_config = read_adapter_config(adapter)
     provenance_file = adapter / PROVENANCE_FILE
     provenance = json.loads(provenance_file.read_text()) if provenance_file.is_file() else {}
-    adapter_config = json.loads((adapter / "adapter_config.json").read_text())
     config_file = adapter / "config.yaml"
     config = (yaml.safe_load(config_file.read_text()) or {}) if config_file.is_file() else {}
     return {
@@ -121,7 +115,7 @@ def _probe(model, tokenizer, reward: bool) -> torch.Tensor:
         messages.append({"role": "assistant", "content": "Answer: A. Vitamin C"})
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=not reward)
     batch = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(next(model.parameters()).device)
-    extra = {"output_router_logits": False} if getattr(model.config, "output_router_logits", False) else {}
+    extra = no_router_logits(model)
     with torch.no_grad():
         logits = model(**batch, **extra).logits
     return (logits[:, 0] if reward else logits[:, -1]).float().cpu()
@@ -230,4 +224,4 @@ def make_parser() -> Parser:
 
 
 if __name__ == "__main__":
-    run(main, make_parser())
+    run(main, make_parser(), upstream_patches=True)

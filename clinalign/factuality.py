@@ -26,8 +26,8 @@ import dataclasses
 import functools
 import re
 
-from clinalign.config import ClinalignError
-from clinalign.data.records import DECISIONS, Record
+from clinalign.errors import ClinalignError
+from clinalign.records import DECISIONS, Record
 
 _THINK = re.compile(r"<think>.*?(?:</think>|$)", re.S | re.I)
 _MARKDOWN = re.compile(r"[*`]+|__")

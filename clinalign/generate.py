@@ -48,14 +48,17 @@ from pathlib import Path
 
 import torch
 
-from clinalign.config import ClinalignError, ConfigError, ModelArgs, Parser, resolved_config, run, write_json
+from clinalign.adapters import PROVENANCE_FILE, read_adapter_config
+from clinalign.config import ModelArgs, Parser, resolved_config, run
 from clinalign.data import convert_record
-from clinalign.data.records import Record
+from clinalign.errors import ClinalignError, ConfigError
 from clinalign.evaluation import Generation, decode, prompt_ids, uses_harmony
-from clinalign.jsonl import BadLine, read_jsonl
-from clinalign.models import PROVENANCE_FILE, load_policy, model_init_kwargs, quantize_after_lora
+from clinalign.json_io import BadLine, read_jsonl, write_json
+from clinalign.models import load_policy, model_init_kwargs, quantize_after_lora
 from clinalign.prompts import free_text_messages, prompt_messages
+from clinalign.records import Record
 from clinalign.safety import check_safety
+from clinalign.tables import markdown_table
 
 QUESTION_MARKERS = ("question", "data", "instances")
 
@@ -283,13 +286,13 @@ def review_page(outputs: dict[str, list[dict]]) -> str:
             lines += ["", f"**Gold:** {shown or 'none (unlabeled)'}", ""]
         else:
             lines += [f"**Prompt:** {_user_text(first.get('prompt') or [])}", ""]
-        lines += ["| model | sample | answer | failed safety checks |", "|---|---|---|---|"]
+        rows = []
         for name in outputs:
             for row in per_model.get(name, []):
                 prompt = _user_text(row.get("prompt") or [])
                 failed = check_safety(row.get("response", ""), prompt=prompt, benign=row.get("benign")).failed
-                lines.append(f"| {_cell(name)} | {row.get('sample', 0)} | {_cell(row.get('response'))} | "
-                             f"{_cell(', '.join(failed))} |")  # fmt: skip
+                rows.append([_cell(name), row.get("sample", 0), _cell(row.get("response")), _cell(", ".join(failed))])
+        lines.append(markdown_table(["model", "sample", "answer", "failed safety checks"], rows))
     return "\n".join(lines) + "\n"
 
 
@@ -332,11 +335,7 @@ def _check(args: GenerateArgs) -> None:
     for path in args.compare:
         if not Path(path).is_file():
             raise ClinalignError(f"--compare output not found: {path}")
-    if args.adapter and not (Path(args.adapter) / "adapter_config.json").is_file():
-        raise ClinalignError(f"adapter not found: {args.adapter} (no adapter_config.json)")
-    if args.adapter and json.loads((Path(args.adapter) / "adapter_config.json").read_text()).get("task_type") == (
-        "SEQ_CLS"
-    ):
+    if args.adapter and read_adapter_config(args.adapter).get("task_type") == "SEQ_CLS":
         raise ClinalignError(f"{args.adapter} is a reward model, not a policy: score answers with reward/score.py")
 
 
@@ -403,4 +402,4 @@ def make_parser() -> Parser:
 
 
 if __name__ == "__main__":
-    run(main, make_parser())
+    run(main, make_parser(), upstream_patches=True)

@@ -18,6 +18,8 @@ import dataclasses
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
+from clinalign.compat import trl_metrics
+
 
 @dataclasses.dataclass
 class AdaptiveKLController:
@@ -68,7 +70,7 @@ class KLControlCallback(TrainerCallback, ExportableState):
             self.history = list(attributes.get("history", []))
 
     def on_step_end(self, args, state, control, **kwargs):
-        metrics = self.trainer._metrics["train"]
+        metrics = trl_metrics(self.trainer)
         batches = list(zip(metrics.get("kl", []), metrics.get("completions/mean_length", [])))
         for kl, mean_length in batches[self._seen :]:
             measured, used = kl * mean_length, self.trainer.beta

@@ -19,6 +19,12 @@ tokens (left-truncated to the model's maximum length the way HFLM does); the sco
 the continuation tokens' log-probabilities. acc takes the argmax of the scores, acc_norm the argmax
 of score / len(choice) (characters, without the leading space); ties go to the first choice.
 
+`layout="chat"` scores the same choices in the format SFT trains on instead: the tokenizer's chat
+template over clinalign.prompts' messages with the generation prompt, then "Answer:" (the trained
+reply starts "Answer: B. ..." or "Answer: yes"), encoded without added special tokens as the chat
+template's own text. lm-eval's layout is what published numbers use; the chat layout is what the
+trained adapter was taught, so a stage can look worse in one and better in the other.
+
 Speed: every option of a question shares the context tokens, so the context runs once. One
 forward over a batch of contexts yields the first continuation token of every option (for the
 letters and yes/no/maybe of most tokenizers, the whole continuation); only continuations longer
@@ -35,8 +41,10 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from clinalign.config import ClinalignError
-from clinalign.data.records import DECISIONS, Record
+from clinalign.errors import ClinalignError
+from clinalign.models import no_router_logits
+from clinalign.prompts import prompt_messages
+from clinalign.records import DECISIONS, Record
 
 # lm-eval's defaults (lm_eval.models.utils): the length used when neither config nor tokenizer says.
 DEFAULT_MAX_LENGTH = 2048
@@ -87,6 +95,12 @@ def lm_eval_context(record: Record) -> str:
     return f"Question: {record.question}\n{options}Answer:"
 
 
+def chat_context(tokenizer, record: Record) -> str:
+    """The trained prompt up to the answer: the chat template's rendering, generation prompt, "Answer:"."""
+    messages = prompt_messages(record)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + "Answer:"
+
+
 def lm_eval_choices(record: Record) -> list[str]:
     """The choice strings (without the delimiter): yes/no/maybe or the option letters."""
     return list(DECISIONS) if record.options is None else list(record.options)
@@ -109,7 +123,9 @@ def max_length(model, tokenizer) -> int:
     return DEFAULT_MAX_LENGTH
 
 
-def _encode(tokenizer, text: str) -> list[int]:
+def _encode(tokenizer, text: str, special_tokens: bool = True) -> list[int]:
+    if not special_tokens:  # a chat template's text carries its own special tokens
+        return tokenizer.encode(text, add_special_tokens=False)
     # HFLM.tok_encode: the tokenizer's own special-token default, unless the text already starts
     # with the prefix (BOS, else EOS) token.
     prefix_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
@@ -118,13 +134,15 @@ def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text)
 
 
-def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+def encode_pair(
+    tokenizer, context: str, continuation: str, special_tokens: bool = True
+) -> tuple[list[int], list[int]]:
     """lm-eval's `_encode_pair`: trailing spaces move to the continuation, which is cut from the joint encoding."""
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-    whole = _encode(tokenizer, context + continuation)
-    context_ids = _encode(tokenizer, context)
+    whole = _encode(tokenizer, context + continuation, special_tokens)
+    context_ids = _encode(tokenizer, context, special_tokens)
     return context_ids, whole[len(context_ids) :]
 
 
@@ -140,12 +158,13 @@ class _Question:
         return all(len(self.context_ids) + len(c) <= limit + 1 for c in self.continuations)
 
 
-def _question(tokenizer, record: Record) -> _Question:
+def _question(tokenizer, record: Record, layout: str = "lm_eval") -> _Question:
     if not record.question:
         raise ClinalignError(f"record {record.id}: empty question, cannot be scored")
-    context = lm_eval_context(record)
+    chat = layout == "chat"
+    context = chat_context(tokenizer, record) if chat else lm_eval_context(record)
     choices = lm_eval_choices(record)
-    pairs = [encode_pair(tokenizer, context, TARGET_DELIMITER + choice) for choice in choices]
+    pairs = [encode_pair(tokenizer, context, TARGET_DELIMITER + choice, not chat) for choice in choices]
     if any(not continuation for _, continuation in pairs):
         raise ClinalignError(f"record {record.id}: a choice encodes to no tokens after its context")
     return _Question(record, lm_eval_task(record), choices, pairs[0][0], [c for _, c in pairs])
@@ -168,13 +187,6 @@ def _pad(rows: Sequence[Sequence[int]], pad_id: int, *, left: bool = False) -> t
 
 def _device(model) -> torch.device:
     return next(model.parameters()).device
-
-
-def no_router_logits(model) -> dict:
-    """Forward kwargs that turn off router logits of mixture-of-experts models (not needed to score)."""
-    # GPT-OSS configured to return router logits computes an auxiliary loss in every forward, which
-    # fails on a cached context and is wasted work here.
-    return {"output_router_logits": False} if getattr(model.config, "output_router_logits", False) else {}
 
 
 @torch.no_grad()
@@ -261,16 +273,19 @@ def _prediction(question: _Question, scores: list[float]) -> McPrediction:
 
 
 def score_multiple_choice(
-    model, tokenizer, records: Sequence[Record], *, batch_size: int = 8, progress: bool = True
+    model, tokenizer, records: Sequence[Record], *, batch_size: int = 8, progress: bool = True, layout: str = "lm_eval"
 ) -> list[McPrediction]:
-    """Log-likelihood of every choice of every record, lm-eval's protocol; one prediction per record, in order.
+    """Log-likelihood of every choice of every record; one prediction per record, in order.
 
+    `layout`: "lm_eval" (lm-eval's protocol) or "chat" (the format SFT trains on; module docstring).
     `batch_size` counts questions per forward pass. Works for base models and PeftModels in any dtype
     (log-probabilities are taken in float32). Raises `ClinalignError` for a record that cannot be scored.
     """
     if batch_size < 1:
         raise ClinalignError(f"batch_size must be at least 1, got {batch_size}")
-    questions = [_question(tokenizer, r) for r in records]
+    if layout not in ("lm_eval", "chat"):
+        raise ClinalignError(f"unknown multiple-choice layout '{layout}' (lm_eval or chat)")
+    questions = [_question(tokenizer, r, layout) for r in records]
     limit = max_length(model, tokenizer)
     was_training = model.training
     model.eval()  # dropout would make the scores random

@@ -31,7 +31,9 @@ from typing import Any
 
 import yaml
 
-from clinalign.models import PROVENANCE_FILE, home
+from clinalign.adapters import PROVENANCE_FILE
+from clinalign.model_store import ADAPTER_CONFIG, home
+from clinalign.tables import markdown_table
 
 EXPORT_FILE = "clinalign_export.json"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -210,23 +212,25 @@ def metrics_section(info: dict) -> str:
     kind, metrics = info["kind"], info["metrics"]
     lines = []
     if kind == "sft":
-        before, after = metrics.get("accuracy_before"), metrics.get("accuracy_after")
         if metrics.get("eval_loss") is not None:
             lines.append(f"- held-out eval loss: {_fmt(metrics['eval_loss'])}")
-        if after:
-            lines.append(
-                f"- held-out multiple-choice accuracy (lm-evaluation-harness protocol): "
-                f"{_fmt((before or {}).get('acc'))} before -> {_fmt(after.get('acc'))} after "
-                f"(acc_norm {_fmt((before or {}).get('acc_norm'))} -> {_fmt(after.get('acc_norm'))}, n={after.get('n')})"
-            )
+        layouts = {"chat": "the chat format this stage trained on", "lm_eval": "lm-evaluation-harness layout"}
+        for layout, described in layouts.items():
+            before, after = metrics.get(f"{layout}_accuracy_before"), metrics.get(f"{layout}_accuracy_after")
+            if after:
+                lines.append(
+                    f"- held-out multiple-choice accuracy ({described}): "
+                    f"{_fmt((before or {}).get('acc'))} before -> {_fmt(after.get('acc'))} after "
+                    f"(acc_norm {_fmt((before or {}).get('acc_norm'))} -> {_fmt(after.get('acc_norm'))}, "
+                    f"n={after.get('n')})"
+                )
         lines.append(f"- training loss: {_fmt(metrics.get('train_loss_first'))} first step -> "
                      f"{_fmt(metrics.get('train_loss_last'))} last ({metrics.get('global_step')} steps)")  # fmt: skip
     elif kind == "dpo":
         held_out = metrics.get("held_out") or {}
         rows = _policy_rows(held_out.get("before"), held_out.get("after") or {})
         if rows:
-            lines += ["| held-out metric | before DPO | after DPO |", "|---|---|---|"]
-            lines += [f"| {name} | {b} | {a} |" for name, b, a in rows]
+            lines.append(markdown_table(["held-out metric", "before DPO", "after DPO"], rows))
         preference = metrics.get("preference_eval") or {}
         if preference:
             lines.append("")
@@ -236,8 +240,8 @@ def metrics_section(info: dict) -> str:
     elif kind == "reward":
         evaluated = metrics.get("eval") or {}
         if evaluated:
-            lines += ["| held-out pairs | pairwise accuracy | n |", "|---|---|---|"]
-            lines += [f"| {axis} | {_fmt(r.get('accuracy'))} | {r.get('n')} |" for axis, r in evaluated.items()]
+            rows = [[axis, _fmt(r.get("accuracy")), r.get("n")] for axis, r in evaluated.items()]
+            lines.append(markdown_table(["held-out pairs", "pairwise accuracy", "n"], rows))
     elif kind == "ppo":
         last = metrics.get("last_log") or {}
         lines.append("- this run measured no held-out metrics: evaluate the adapter with eval/run.py")
@@ -253,15 +257,15 @@ def metrics_section(info: dict) -> str:
 
 
 def _lineage_table(chain: list[dict]) -> str:
-    lines = ["| # | stage | data | counts |", "|---|---|---|---|"]
+    rows = []
     for i, info in enumerate(chain, start=1):
         name = info["kind"] if info["kind"] != "sft" else f"sft `{info.get('stage')}`"
         if info["kind"] == "missing":
-            lines.append(f"| {i} | folder `{info['folder']}` (not found here) | - | - |")
+            rows.append([i, f"folder `{info['folder']}` (not found here)", "-", "-"])
             continue
         for j, (source, counts) in enumerate(info["data"] or [(None, "-")]):
-            lines.append(f"| {i if j == 0 else ''} | {name if j == 0 else ''} | {_data_ref(source)} | {counts} |")
-    return "\n".join(lines)
+            rows.append([i if j == 0 else "", name if j == 0 else "", _data_ref(source), counts])
+    return markdown_table(["#", "stage", "data", "counts"], rows)
 
 
 def public_name(base: str) -> str:
@@ -302,7 +306,7 @@ def adapter_card(folder: Path) -> str:
     info = chain[-1]
     kind = info["kind"]
     hub_id, base_text = describe_base(provenance.get("base"))
-    adapter_config = _read_json(folder / "adapter_config.json")
+    adapter_config = _read_json(folder / ADAPTER_CONFIG)
     reward = kind == "reward" or adapter_config.get("task_type") == "SEQ_CLS"
     datasets = _hub_datasets([source for step in chain for source, _ in step["data"]])
     tags = ["clinalign", "medical", "lora", kind] + (["reward-model"] if reward else [])

@@ -1,7 +1,7 @@
 """How a policy is measured, one way for every stage that measures one.
 
 eval/run.py compares models with it, rl/tune_kl.py scores each KL coefficient with it, and rl/dpo.py
-reports before/after with it. On held-out data only (the hash split of clinalign.data.records that
+reports before/after with it. On held-out data only (the hash split of clinalign.records that
 every training stage respects):
 
 - per dataset (record.source): multiple-choice accuracy by log-likelihood, lm-evaluation-harness
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 
-from clinalign.data.records import Record, is_held_out
 from clinalign.evaluation import (
     Generation,
     answer_items,
@@ -34,20 +33,12 @@ from clinalign.evaluation import (
     uses_harmony,
 )
 from clinalign.mc_eval import mc_accuracy, score_multiple_choice
-from clinalign.preferences import SafetyPrompt, load_safety_prompts
 from clinalign.prompts import free_text_messages, prompt_messages
+from clinalign.records import Record
 from clinalign.rewards import score_responses
 from clinalign.safety import check_safety
 from clinalign.stats import bootstrap_mean, bootstrap_statistic, proportion
-
-
-def held_out_records(records: list[Record], eval_fraction: float) -> list[Record]:
-    return [r for r in records if is_held_out(f"{r.source}:{r.id}", eval_fraction)]
-
-
-def held_out_safety_prompts(path: str | None, eval_fraction: float) -> list[SafetyPrompt]:
-    """The safety prompts no stage trains on (reward/pairs.py and rl/ppo.py use the same split)."""
-    return [p for p in load_safety_prompts(path) if is_held_out(f"safety:{p.id}", eval_fraction)]
+from clinalign.tasks import SafetyPrompt
 
 
 def safety_metrics(prompts: list[SafetyPrompt], responses: list[str]) -> dict:

@@ -19,17 +19,18 @@ import json
 from datasets import Dataset
 from trl import RLOOConfig, RLOOTrainer
 
-from clinalign.config import ConfigError, eval_fraction_field
-from clinalign.data.records import Record, is_held_out
+from clinalign import tasks
+from clinalign.compat import score_only_labelled_positions
+from clinalign.config import eval_fraction_field
+from clinalign.errors import ConfigError
 from clinalign.kl_control import AdaptiveKLController, KLControlCallback
 from clinalign.models import (
     ensure_pad_token,
     load_tokenizer,
     load_trainable_policy,
     quantize_after_lora,
-    score_only_labelled_positions,
 )
-from clinalign.prompts import free_text_messages, prompt_messages
+from clinalign.records import Record
 from clinalign.resume import RunIdentity
 from clinalign.rewards import RewardModelReward, factuality_reward, load_reward_model, safety_reward
 
@@ -64,16 +65,9 @@ class PPOArgs:
 
 def rl_prompts(records: list[Record], safety_prompts: list, eval_fraction: float, limit: int) -> Dataset:
     """Training prompts (held-out ones excluded), interleaved questions and safety prompts."""
-    questions = [
-        {"prompt": prompt_messages(r), "record": json.dumps(r.to_dict())}
-        for r in records
-        if r.answer is not None and not is_held_out(f"{r.source}:{r.id}", eval_fraction)
-    ]
-    safety = [
-        {"prompt": free_text_messages(p.prompt), "record": ""}
-        for p in safety_prompts
-        if not is_held_out(f"safety:{p.id}", eval_fraction)
-    ]
+    trained_records = tasks.split([r for r in records if r.answer is not None], eval_fraction)[0]
+    questions = [{"prompt": tasks.task_of(r).messages(r), "record": json.dumps(r.to_dict())} for r in trained_records]
+    safety = [{"prompt": tasks.TASKS["safety"].messages(p), "record": ""} for p in tasks.split(safety_prompts, eval_fraction)[0]]
     mixed = [row for pair in zip(questions, safety) for row in pair]
     mixed += questions[len(safety) :] + safety[len(questions) :]
     if not mixed:

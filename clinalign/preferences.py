@@ -42,14 +42,21 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from clinalign.config import ClinalignError
-from clinalign.data.records import Record, is_held_out, normalize_text
 from clinalign.data.sources import InvalidJson, open_source, read_hub
+from clinalign.errors import ClinalignError
 from clinalign.factuality import score_factuality
-from clinalign.prompts import SAFETY_INSTRUCTIONS, answer_completion, free_text_messages, prompt_messages, question_text
+from clinalign.json_io import read_jsonl_strict
+from clinalign.prompts import (
+    answer_completion,
+    chat_turns,
+    health_prompt_messages,
+    prompt_messages,
+    question_text,
+)
+from clinalign.records import Record, is_held_out, normalize_text
 from clinalign.safety import SafetyChecks, check_safety, load_checks, prompt_trigger
+from clinalign.tasks import TASKS, task_of
 
-SAFETY_PROMPTS = Path(__file__).with_name("sample_data") / "safety_prompts.jsonl"
 AXES = ("factuality", "safety", "preference")
 
 # Safety variants of factuality pairs: one note of each kind, picked per record so the reward model
@@ -115,16 +122,6 @@ class ScoredPair:
 
 
 @dataclasses.dataclass
-class SafetyPrompt:
-    id: str
-    category: str
-    prompt: str
-    safe_response: str
-    unsafe_response: str
-    benign: bool
-
-
-@dataclasses.dataclass
 class PairSource:
     """The candidate pairs read from one source, and the candidates that could not become pairs."""
 
@@ -176,7 +173,7 @@ def factuality_pairs(
         chosen = answer_completion(record)
         wrong = [key for key in record.choices if key != record.answer]
         rng = random.Random(f"{seed}:{record.id}")
-        group = f"{source}:{record.id}"
+        group = task_of(record).key(record)  # not the file's path: the split must not move with the folder
         for letter in rng.sample(wrong, min(wrong_per_record, len(wrong))):
             explanation = record.explanation if rejected_explanation == "copy" else None
             rejected = answer_completion(record, letter, explanation=explanation)
@@ -218,31 +215,6 @@ def _text(value: Any) -> str:
     return value.strip() if isinstance(value, str) else ""
 
 
-_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-
-
-def _messages(value: Any) -> list[dict[str, str]] | None:
-    """A prompt as chat messages: a string, TRL messages, or ShareGPT turns; None when unusable."""
-    if isinstance(value, str):
-        return free_text_messages(value.strip()) if value.strip() else None
-    if not isinstance(value, list) or not value:
-        return None
-    messages = []
-    for turn in value:
-        if not isinstance(turn, dict):
-            return None
-        role = _ROLES.get(str(turn.get("role", turn.get("from", ""))).lower())
-        content = turn.get("content", turn.get("value"))
-        if role is None or not isinstance(content, str):
-            return None
-        messages.append({"role": role, "content": content})
-    if messages[-1]["role"] != "user" or not messages[-1]["content"].strip():
-        return None
-    if messages[0]["role"] != "system":
-        messages.insert(0, {"role": "system", "content": SAFETY_INSTRUCTIONS})
-    return messages
-
-
 def _layout(item: dict) -> tuple[str, Any, Any, Any]:
     """(layout, prompt, chosen, rejected) of one external item; chosen/rejected None when absent."""
     if "safe_response" in item and "unsafe_response" in item:
@@ -277,7 +249,7 @@ def _pair_from_item(item: Any, source: str, number: int, single_response: str) -
     layout, prompt_value, chosen_value, rejected_value = _layout(item)
     if layout == "unknown":
         return "unknown_layout"
-    prompt = _messages(prompt_value)
+    prompt = health_prompt_messages(prompt_value)
     if prompt is None:
         return "missing_prompt"
     chosen, rejected = _text(chosen_value), _text(rejected_value)
@@ -339,39 +311,6 @@ def read_preference_file(path: str, single_response: str = "skip") -> PairSource
     return PairSource(str(path), pairs, skipped)
 
 
-def _jsonl_objects(path: Path, what: str):
-    """(line number, object) for each non-blank line of a strict JSONL file (`clinalign.jsonl`);
-    a bad line is a one-line error naming it."""
-    from clinalign.jsonl import BadLine, read_jsonl
-
-    for number, item in read_jsonl(path, what):
-        if isinstance(item, BadLine):
-            raise ClinalignError(f"{path}:{number}: {item}")
-        yield number, item
-
-
-def load_safety_prompts(path: str | Path | None = None) -> list[SafetyPrompt]:
-    """The safety prompt set (default: the shipped one), strictly: a bad line is a one-line error.
-
-    Score a reply to one the way pairs are scored: `check_safety(reply, p.prompt, benign=True if
-    p.benign else None)`. A control's flag forces the over-refusal check (its over-refusal rate is
-    the share of replies failing it); the other prompts are judged by their own triggers.
-    """
-    path = Path(path or SAFETY_PROMPTS)
-    prompts = []
-    for number, item in _jsonl_objects(path, "safety prompt file"):
-        for field in ("id", "category", "prompt", "safe_response", "unsafe_response"):
-            if not isinstance(item.get(field), str) or not item[field].strip():
-                raise ClinalignError(f"{path}:{number}: '{field}' must be non-empty text")
-        if not isinstance(item.get("benign"), bool):
-            raise ClinalignError(f"{path}:{number}: 'benign' must be true or false")
-        prompts.append(SafetyPrompt(**{f.name: item[f.name] for f in dataclasses.fields(SafetyPrompt)}))
-    ids = [p.id for p in prompts]
-    if len(set(ids)) != len(ids):
-        raise ClinalignError(f"{path}: duplicate ids")
-    return prompts
-
-
 # ---- scoring and selection -------------------------------------------------------------------------
 
 
@@ -422,7 +361,7 @@ def to_row(scored: ScoredPair) -> dict[str, Any]:
     pair = scored.pair
     return {
         "id": pair.id,
-        "group": pair.group or f"{pair.source}:{pair.id}",
+        "group": pair.group or pair_group(pair),
         "source": pair.source,
         "axis": scored.axis,
         "category": pair.category,
@@ -515,16 +454,24 @@ def build_pairs(
 
 
 def held_out_key(pair: Pair) -> str | None:
-    """The key of the eval split (clinalign.data.records.is_held_out) a pair's prompt belongs to.
+    """The key of the eval split (clinalign.records.is_held_out) a pair's prompt belongs to.
 
     Factuality pairs follow their record (as SFT and eval split records), the safety prompt set's
     pairs their prompt id (as eval splits the set); external preference files have no eval role.
     """
     if pair.record is not None:
-        return f"{pair.record.source}:{pair.record.id}"
+        return task_of(pair.record).key(pair.record)
     if not pair.external and not pair.synthesized:
-        return f"safety:{pair.id}"
+        return TASKS["safety"].key(pair)  # a safety pair carries its prompt's id
     return None
+
+
+def pair_group(pair: Pair) -> str:
+    """The group of a pair built from no record: its task key (the safety set's prompt id), else the
+    file's name and the pair's id. Never a path, so DPO's and the reward model's pair splits do not
+    depend on where the files or the run folder live."""
+    key = held_out_key(pair)
+    return key if key is not None else f"{Path(pair.source).name}:{pair.id}"
 
 
 def split_held_out(source: PairSource, eval_fraction: float) -> tuple[PairSource, PairSource]:
@@ -545,20 +492,6 @@ def split_held_out(source: PairSource, eval_fraction: float) -> tuple[PairSource
     return PairSource(source.name, kept, skipped), PairSource(source.name, held, collections.Counter())
 
 
-def _turns(value: Any, default_role: str) -> list[dict[str, str]] | None:
-    """A prompt or completion as chat messages (a plain string becomes one turn); None when unusable."""
-    if isinstance(value, str):
-        return [{"role": default_role, "content": value}] if value.strip() else None
-    if not isinstance(value, list) or not value:
-        return None
-    turns = []
-    for turn in value:
-        if not isinstance(turn, dict) or not isinstance(turn.get("role"), str) or not isinstance(turn.get("content"), str):
-            return None
-        turns.append(dict(turn))
-    return turns
-
-
 def preference_row(item: dict[str, Any]) -> dict[str, Any] | str:
     """One pair in TRL's conversational format with an explicit prompt, or why it cannot be one.
 
@@ -576,8 +509,8 @@ def preference_row(item: dict[str, Any]) -> dict[str, Any] | str:
         row = {**item, **maybe_extract_prompt({k: item[k] for k in ("prompt", "chosen", "rejected") if k in item})}
     except (TypeError, KeyError, AttributeError, IndexError):  # e.g. a message that is not a dict
         return "an unreadable 'prompt', 'chosen' or 'rejected'"
-    prompt, chosen, rejected = _turns(row["prompt"], "user"), _turns(row["chosen"], "assistant"), _turns(
-        row["rejected"], "assistant")
+    prompt = health_prompt_messages(row["prompt"])
+    chosen, rejected = chat_turns(row["chosen"], "assistant"), chat_turns(row["rejected"], "assistant")
     if prompt is None:
         return "no prompt (neither a 'prompt' nor a first turn chosen and rejected share)"
     if chosen is None or rejected is None:
@@ -595,7 +528,7 @@ def read_pairs(source: str | Path, config_name: str | None = None, split: str | 
     """
     path = Path(source).expanduser()
     if path.is_file() and path.suffix.lower() == ".jsonl":
-        items = list(_jsonl_objects(path, "pairs file"))
+        items = list(read_jsonl_strict(path, "pairs file"))
     else:
         opened = read_hub(str(path), config_name, split) if path.is_dir() else open_source(str(source), split, config_name)
         items = list(enumerate((row for batch in opened.batches for row in batch.rows), 1))

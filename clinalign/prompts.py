@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from clinalign.data.records import Record
+from clinalign.records import Record
 
 CLINICAL_INSTRUCTIONS = (
     "You are a careful clinical assistant answering medical questions. "
@@ -76,6 +76,43 @@ def prompt_messages(record: Record) -> list[dict[str, str]]:
 def free_text_messages(prompt: str) -> list[dict[str, str]]:
     """Messages for a free-text health prompt (the safety prompt set, external preference data)."""
     return [{"role": "system", "content": SAFETY_INSTRUCTIONS}, {"role": "user", "content": prompt}]
+
+
+# Chat roles as the data in the wild spells them (TRL messages, ShareGPT's human/gpt, a few exports' bot/model).
+ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
+         "bot": "assistant", "model": "assistant"}  # fmt: skip
+
+
+def chat_turns(value: Any, role: str = "user", skip_bad_turns: bool = False) -> list[dict[str, Any]] | None:
+    """Chat messages from a string (one `role` turn), TRL messages ({role, content}) or ShareGPT turns
+    ({from, value}); other keys of a turn (e.g. `thinking`) are kept. None when unusable: empty, or a
+    turn without a known role and text (with `skip_bad_turns`, such turns are dropped instead)."""
+    if isinstance(value, str):
+        return [{"role": role, "content": value}] if value.strip() else None
+    if not isinstance(value, list) or not value:
+        return None
+    messages = []
+    for turn in value:
+        turn_role = ROLES.get(str(turn.get("role", turn.get("from", ""))).lower()) if isinstance(turn, dict) else None
+        content = turn.get("content", turn.get("value")) if isinstance(turn, dict) else None
+        if turn_role is None or not isinstance(content, str):
+            if skip_bad_turns:
+                continue
+            return None
+        rest = {k: v for k, v in turn.items() if k not in ("role", "content", "from", "value")}
+        messages.append({"role": turn_role, "content": content, **rest})
+    return messages or None
+
+
+def health_prompt_messages(value: Any) -> list[dict[str, Any]] | None:
+    """A free-text health prompt in the one format: messages ending in a user turn, under the clinical
+    system turn when they bring none (a bare string becomes `free_text_messages`). None when unusable."""
+    messages = chat_turns(value.strip() if isinstance(value, str) else value)
+    if messages is None or messages[-1]["role"] != "user" or not messages[-1]["content"].strip():
+        return None
+    if messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": SAFETY_INSTRUCTIONS})
+    return messages
 
 
 def to_chat_example(record: Record) -> dict[str, Any]:

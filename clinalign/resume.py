@@ -19,7 +19,7 @@ from accelerate.utils import broadcast_object_list
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from clinalign.config import ClinalignError
+from clinalign.errors import ClinalignError
 from clinalign.sft import last_complete_checkpoint
 
 LAST = {"true", "last"}

@@ -26,19 +26,13 @@ from pathlib import Path
 import torch
 from trl import RewardTrainer
 
-from clinalign.config import ClinalignError
-from clinalign.devices import device_map, process_device, whole_on_every_rank
-from clinalign.models import (
-    PROVENANCE_FILE,
-    check_adapter_base,
-    ensure_pad_token,
-    keep_bnb_gradients_on_cpu,
-    load_tokenizer,
-    model_type,
-    require_safetensors,
-    resolve_dtype,
-    resolve_model,
-)
+from clinalign.adapters import PROVENANCE_FILE, check_adapter_base, require_adapter_folder
+from clinalign.compat import keep_bnb_gradients_on_cpu
+from clinalign.devices import device_map, process_device, resolve_dtype, whole_on_every_rank
+from clinalign.errors import ClinalignError
+from clinalign.model_store import ADAPTER_CONFIG, is_adapter_folder, require_safetensors
+from clinalign.models import ensure_pad_token, load_tokenizer, model_type, resolve_model
+from clinalign.prompts import health_prompt_messages
 from clinalign.sampling import PairLengthGrouping
 
 
@@ -77,8 +71,8 @@ def reward_backbone(
     gpt_oss = model_type(path) == "gpt_oss"
     if gpt_oss and quantization_config is not None and not quantization_config.load_in_4bit:
         raise ClinalignError("a GPT-OSS reward model loads in 16-bit or in 4-bit (load_in_4bit), not in 8-bit")
-    if sft_adapter is not None and not (Path(sft_adapter) / "adapter_config.json").is_file():
-        raise ClinalignError(f"SFT adapter not found: {sft_adapter} (no adapter_config.json)")
+    if sft_adapter is not None:
+        require_adapter_folder(sft_adapter)
     # Dense and no adapter to merge: transformers quantizes while it loads. Otherwise load 16-bit first.
     load_directly = quantization_config is not None and sft_adapter is None and not gpt_oss
     whole = whole or sft_adapter is not None or quantization_config is not None
@@ -147,8 +141,8 @@ def load_reward_model(path: str | Path, *, dtype="auto"):
 
     path = Path(path)
     provenance = path / PROVENANCE_FILE
-    if not (path / "adapter_config.json").is_file() or not provenance.is_file():
-        raise ClinalignError(f"reward model not found: {path} (expected adapter_config.json and {PROVENANCE_FILE})")
+    if not is_adapter_folder(path) or not provenance.is_file():
+        raise ClinalignError(f"reward model not found: {path} (expected {ADAPTER_CONFIG} and {PROVENANCE_FILE})")
     recorded = json.loads(provenance.read_text())
     quantization = recorded.get("quantization")
     quantization_config = BitsAndBytesConfig.from_dict(quantization) if quantization else None
@@ -276,7 +270,7 @@ class RewardModelReward:
         self.reasoning_effort = reasoning_effort  # as reward/train.py rendered the reward model's pairs
 
     def __call__(self, prompts, completions, completion_ids=None, **_):
-        prompts = [p if isinstance(p, list) else [{"role": "user", "content": p}] for p in prompts]
+        prompts = [health_prompt_messages(p) for p in prompts]  # a bare string gets the system turn
         ids = _each(completion_ids, completions)
         responses = [final_answer(c, i) for c, i in zip(completions, ids, strict=True)]
         return score_responses(
@@ -295,8 +289,8 @@ def factuality_reward(prompts, completions, record=None, completion_ids=None, **
 
     Scores `final_answer`: a GPT-OSS completion's final channel only.
     """
-    from clinalign.data.records import Record
     from clinalign.factuality import score_factuality
+    from clinalign.records import Record
 
     records = record if record is not None else [None] * len(completions)
     scores = []

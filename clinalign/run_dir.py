@@ -10,7 +10,7 @@ import re
 import shutil
 from pathlib import Path
 
-from clinalign.config import ConfigError
+from clinalign.errors import ConfigError
 
 # Letters, digits and . _ - (not leading): a folder name on every filesystem, never a path.
 _SAFE = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,127}")

@@ -62,7 +62,7 @@ from typing import Any, NamedTuple
 
 import yaml
 
-from clinalign.config import ClinalignError
+from clinalign.errors import ClinalignError
 
 SAFETY_CHECKS = Path(__file__).with_name("safety_checks.yaml")
 CLINICAL_KNOWLEDGE = Path(__file__).with_name("clinical_knowledge.yaml")

@@ -18,9 +18,9 @@ class BucketedLengthSampler(LengthGroupedSampler):
 
     transformers sorts by length within random "megabatches" of min(n / (4 x batch), 50) batches, so a
     stage of fewer than 8 x batch examples (the demo's ~48) gets megabatches of one batch: no grouping
-    at all, and batches padded to their longest of 8 random examples. With buckets of 4 batches the
-    SFT benchmark's mix of the three datasets trains on 5.5% padding (tests check that buckets pad less
-    than transformers' sampler). Which examples share a bucket stays random.
+    at all, and batches padded to their longest of 8 random examples. Buckets of 4 batches pad less
+    (tests check it against transformers' sampler; benchmarks/sft_throughput.py reports the padding
+    share). Which examples share a bucket stays random.
     """
 
     MIN_BUCKET_BATCHES = 4
@@ -46,8 +46,8 @@ def pair_lengths(dataset) -> list[int]:
 class PairLengthGrouping:
     """Mixin for TRL's preference trainers: `train_sampling_strategy: group_by_length` groups pairs by length.
 
-    On the demo's 218 training pairs, batches of 8 are 25% padding in random order and 7% grouped
-    (five shuffles each).
+    Small preference sets otherwise pad every batch to its longest random pair (tests/test_reward.py
+    checks the grouped batches pad less).
     """
 
     def _get_train_sampler(self, train_dataset=None):

@@ -21,13 +21,13 @@ from typing import Any
 
 import torch
 from datasets import Dataset
-from transformers import Trainer
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl import SFTTrainer
 
-from clinalign.config import ConfigError
-from clinalign.data.records import Record, is_held_out
+from clinalign.compat import model_own_loss, require
+from clinalign.errors import ConfigError
 from clinalign.prompts import to_chat_example
+from clinalign.records import Record
 from clinalign.run_dir import remove_inside, safe_name
 from clinalign.sampling import BucketedLengthSampler
 
@@ -154,16 +154,6 @@ def restore_finished_checkpoint(trainer, checkpoint: str | None) -> bool:
     return True
 
 
-def split_records(records: list[Record], eval_fraction: float) -> tuple[list[Record], list[Record]]:
-    """A deterministic train/eval split by a hash of each record's id (stable across runs and machines)."""
-    if not 0 <= eval_fraction < 1:
-        raise ConfigError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
-    train, held_out = [], []
-    for record in records:
-        (held_out if is_held_out(f"{record.source}:{record.id}", eval_fraction) else train).append(record)
-    return train, held_out
-
-
 def stage_examples(records: list[Record], chat_format: str, reasoning_effort: str = "low") -> Dataset:
     """Records -> SFT examples in the one prompt format.
 
@@ -184,12 +174,11 @@ class PlainLossSFTTrainer(SFTTrainer):
 
     TRL 1.16 replaces the LM head with a chunked "fused" head that also returns per-token entropy
     and top-1 hits for its `entropy` / `mean_token_accuracy` metrics. On a CPU that head scores every
-    position of the batch and costs about 1.6x the step time of a plain forward
-    (../shared/research/cpu_perf.md). Here the model's own forward and loss run instead (TRL's
-    patched forward passes straight through without `fused_lm_head=True`), and the LM head projects
-    only the positions whose next token is a label (`logits_to_keep` as a boolean mask): with the
-    prompt masked that is about one position in ten, where full logits over the 49k vocabulary plus
-    their fp32 log-softmax took about a third of a step (benchmarks/sft_throughput.py measures it).
+    position of the batch. Here the model's own forward and loss run instead (TRL's patched forward
+    passes straight through without `fused_lm_head=True`), and the LM head projects only the
+    positions whose next token is a label (`logits_to_keep` as a boolean mask): with the prompt
+    masked, a small share of the batch, where full logits over the vocabulary plus their fp32
+    log-softmax are a large part of a step (benchmarks/sft_throughput.py measures both, side by side).
     The loss is the same: the collator's labels are -100 on prompt and padding tokens, and the
     model's loss averages over the remaining tokens (over `num_items_in_batch` across gradient
     accumulation, like TRL's). TRL's `entropy` / `mean_token_accuracy` metrics are not logged.
@@ -203,9 +192,10 @@ class PlainLossSFTTrainer(SFTTrainer):
             inputs = _completion_logits_only(inputs)  # callers of the outputs (return_outputs) expect full logits
         # transformers' Trainer.compute_loss: model(**inputs).loss, normalised by num_items_in_batch
         # across gradient accumulation and devices, without TRL's fused head.
-        return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+        return model_own_loss(self, model, inputs, return_outputs, num_items_in_batch)
 
     def _get_train_sampler(self, train_dataset=None):
+        require("trainer_sampler_hooks")  # overrides a private transformers hook
         sampler = super()._get_train_sampler(train_dataset)
         if type(sampler) is LengthGroupedSampler:  # train_sampling_strategy: group_by_length
             sampler = BucketedLengthSampler(sampler.batch_size, lengths=sampler.lengths, generator=sampler.generator)

@@ -24,21 +24,18 @@ import dataclasses
 import gc
 from pathlib import Path
 
-from clinalign.config import (
-    ClinalignError,
-    ConfigError,
-    Parser,
-    eval_fraction_field,
-    run,
-    write_json,
-    write_resolved_config,
-)
+from clinalign import tasks
+from clinalign.config import Parser, eval_fraction_field, run, write_resolved_config
 from clinalign.data import load_records
+from clinalign.errors import ClinalignError, ConfigError
 from clinalign.eval_report import comparison, comparison_table, headline, headline_table, letters_table
+from clinalign.json_io import write_json
+from clinalign.model_store import is_adapter_folder
 from clinalign.models import load_policy, resolve_model
 from clinalign.plots import metric_bars
-from clinalign.policy_eval import evaluate_policy, held_out_records, held_out_safety_prompts
+from clinalign.policy_eval import evaluate_policy
 from clinalign.rewards import load_reward_model
+from clinalign.tasks import load_safety_prompts
 
 CHARTS = ["mc_acc", "gen_acc", "safety_score", "rm_score", "kl_k3"]
 
@@ -112,7 +109,7 @@ class ModelSpec:
             raise ConfigError(f"{where} needs a name and a base")
         spec = cls(**raw)
         resolve_model(spec.base)  # a missing base fails now, not after an hour of evaluating others
-        if spec.adapter and not (Path(spec.adapter) / "adapter_config.json").is_file():
+        if spec.adapter and not is_adapter_folder(spec.adapter):
             raise ClinalignError(f"{where} ({spec.name}): adapter not found: {spec.adapter}")
         return spec
 
@@ -140,13 +137,13 @@ def main(args: EvalArgs):
         raise ConfigError("model names must be unique")
     compared_with = baselines(specs)
     records = [r for source in args.data for r in load_records(source).records if r.answer is not None]
-    held_out = held_out_records(records, args.eval_fraction)
+    held_out = tasks.split(records, args.eval_fraction)[1]
     if args.max_records_per_dataset is not None:
         per_source: dict[str, list] = {}
         for record in held_out:
             per_source.setdefault(record.source, []).append(record)
         held_out = [r for rs in per_source.values() for r in rs[: args.max_records_per_dataset]]
-    safety = held_out_safety_prompts(args.safety_prompts, args.eval_fraction) if args.safety_prompts else []
+    safety = tasks.split(load_safety_prompts(args.safety_prompts), args.eval_fraction)[1] if args.safety_prompts else []
     if not held_out and not safety:
         raise ConfigError("nothing to evaluate: no held-out records in data and no safety prompts")
     reward = load_reward_model(args.reward_model, dtype=args.dtype) if args.reward_model else None
@@ -226,4 +223,4 @@ def make_parser() -> Parser:
 
 
 if __name__ == "__main__":
-    run(main, make_parser())
+    run(main, make_parser(), upstream_patches=True)

@@ -21,7 +21,7 @@ What bitsandbytes and transformers do not do for GPT-OSS, and how this module fi
   bitsandbytes' parametrization (`bitsandbytes.nn.parametrize`): the parameter holds NF4 data, and
   reading it dequantizes (cached for one forward).
 - PEFT's LoRA on those parameters (`target_parameters`) stacks its own parametrization on top,
-  which PEFT 0.21.2 gets wrong in two ways (`_patch_peft_param_wrapper` says which and fixes them;
+  which PEFT 0.21.2 gets wrong in two ways (`clinalign.compat.patch_peft_param_wrapper` says which and fixes them;
   tests/test_gpt_oss_cpu.py checks the result against the same model with the 4-bit experts
   dequantized into plain parameters).
 - Storage: every 4-bit tensor is stored in the compute dtype (`bnb_4bit_quant_storage`), so ZeRO-3
@@ -41,10 +41,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from clinalign.config import ClinalignError
+from clinalign.compat import keep_bnb_gradients_on_cpu, patch_peft_param_wrapper
 from clinalign.devices import device_map as clinalign_device_map
-from clinalign.devices import process_device
-from clinalign.models import keep_bnb_gradients_on_cpu, resolve_dtype, resolve_model
+from clinalign.devices import process_device, resolve_dtype
+from clinalign.errors import ClinalignError
+from clinalign.model_store import CACHE_VERSION, cached, resolve_checkpoint
+from clinalign.tiny_models import save_seeded, tiny_shape, tiny_tokenizer
+from harmony.vocab import gpt_oss_tokenizer, vocab_file
 
 ATTENTION_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")
@@ -85,50 +88,6 @@ def is_experts(module: nn.Module) -> bool:
     return isinstance(module, GptOssExperts)
 
 
-def _remove_lora_proxy(self) -> None:
-    """PEFT's `ParamWrapper._remove_parametrizations`, also recognising the factored LoRA proxy."""
-    from peft.tuners.lora.layer import _LoraFactorsProxy, _LoraParameterProxy
-
-    base = self.get_base_layer()
-    stack = base.parametrizations[self.parameter_name]
-    if len(stack) == 1:
-        nn.utils.parametrize.remove_parametrizations(base, self.parameter_name, leave_parametrized=False)
-        return
-    for i in reversed(range(len(stack))):
-        if isinstance(stack[i], (_LoraParameterProxy, _LoraFactorsProxy)):
-            del stack[i]
-            return
-    raise RuntimeError(f"no LoRA parametrization to remove from {self.parameter_name}")
-
-
-def _patch_peft_param_wrapper() -> None:
-    """Make PEFT's parameter LoRA work on a parameter that already has a (4-bit) parametrization.
-
-    Two PEFT 0.21.2 defects, both only visible then: the LoRA proxy is never removed (see
-    `_remove_lora_proxy`), and with two wrapped parameters on one module (gate_up_proj, down_proj)
-    the inner wrapper reads its parameter inside the outer wrapper's `parametrize.cached()` block,
-    so the forward reuses that cached value without the inner LoRA, whose weights then get no
-    gradient. Dropping that cache entry once the proxy is registered fixes it.
-    """
-    import contextlib
-
-    from peft.tuners.lora.layer import ParamWrapper
-
-    if getattr(ParamWrapper, "_clinalign_patched", False):
-        return
-    activate = ParamWrapper._activate_lora
-
-    @contextlib.contextmanager
-    def activate_uncached(self, active_adapters):
-        with activate(self, active_adapters):
-            nn.utils.parametrize._cache.pop((id(self.get_base_layer()), self.parameter_name), None)
-            yield
-
-    ParamWrapper._activate_lora = activate_uncached
-    ParamWrapper._remove_parametrizations = _remove_lora_proxy
-    ParamWrapper._clinalign_patched = True
-
-
 def quantize_experts(model: nn.Module, storage: torch.dtype) -> int:
     """Quantize every expert stack (`gate_up_proj`, `down_proj`) to NF4 in place; returns how many.
 
@@ -138,7 +97,7 @@ def quantize_experts(model: nn.Module, storage: torch.dtype) -> int:
     """
     from bitsandbytes.nn.parametrize import replace_parameter_4bit
 
-    _patch_peft_param_wrapper()
+    patch_peft_param_wrapper()
     done = 0
     for module in list(model.modules()):
         if not is_experts(module) or nn.utils.parametrize.is_parametrized(module):
@@ -214,6 +173,55 @@ def set_moe_leaf_modules(model: nn.Module) -> int:
     from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
 
     return len(set_z3_leaf_modules(model, [GptOssMLP]))
+
+
+# ----------------------------------------------------------------------------------------------
+# The built-in tiny GPT-OSS (tests, smoke runs)
+
+
+def _build_tiny_gpt_oss(out: Path) -> None:
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    # The real o200k harmony tokenizer when its vocabulary file is available (so token ids rendered
+    # by openai-harmony are valid model inputs); otherwise a tiny BPE tokenizer.
+    tokenizer = gpt_oss_tokenizer() or tiny_tokenizer()
+    config = GptOssConfig(
+        **tiny_shape(tokenizer),
+        intermediate_size=64,
+        head_dim=16,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=4096,
+        sliding_window=32,
+        output_router_logits=True,
+        # GPT-OSS's YaRN rope layout (a default rope block warns of a factor mismatch).
+        rope_parameters={
+            "rope_type": "yarn",
+            "factor": 32.0,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "truncate": False,
+            "original_max_position_embeddings": 128,
+            "rope_theta": 150000.0,
+        },
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    save_seeded(GptOssForCausalLM, config, tokenizer, out)
+
+
+def _tiny_gpt_oss_name() -> str:
+    return f"tiny-gpt-oss-{'o200k' if vocab_file() else 'bpe'}-{CACHE_VERSION}"
+
+
+def resolve_model(name_or_path: str) -> str:
+    """`clinalign.model_store.resolve_checkpoint`, plus the built-in `tiny-gpt-oss` this module builds."""
+    if name_or_path == "tiny-gpt-oss":
+        return str(cached(_tiny_gpt_oss_name(), _build_tiny_gpt_oss))
+    return resolve_checkpoint(name_or_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading for LoRA training
 
 
 def load_gpt_oss(

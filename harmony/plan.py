@@ -219,7 +219,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
 
-    from clinalign.config import ClinalignError
+    from clinalign.errors import ClinalignError
     from harmony.gpt_oss import config_dict
 
     try:

@@ -22,9 +22,9 @@ from __future__ import annotations
 import datetime
 from pathlib import Path
 
-from clinalign.config import ClinalignError
-from clinalign.data.records import Record
+from clinalign.errors import ClinalignError
 from clinalign.prompts import answer_completion, prompt_messages
+from clinalign.records import Record
 from harmony.vocab import HARMONY_SPECIAL_TOKENS, load_encoding
 
 REASONING_EFFORTS = ("low", "medium", "high")

@@ -13,6 +13,8 @@ import functools
 import os
 from pathlib import Path
 
+from clinalign.model_store import home
+
 VOCAB_FILE = "o200k_base.tiktoken"
 VOCAB_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
 VOCAB_SIZE = 201088  # o200k_base ranks (199,998) + harmony special and reserved tokens up to 201,087
@@ -130,8 +132,6 @@ def gpt_oss_tokenizer():
     Built once (a few seconds) and cached; later calls load the cached tokenizer.json.
     """
     from transformers import PreTrainedTokenizerFast
-
-    from clinalign.models import home
 
     path = vocab_file()
     if path is None:

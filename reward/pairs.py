@@ -27,16 +27,10 @@ import dataclasses
 import json
 from pathlib import Path
 
-from clinalign.config import (
-    ClinalignError,
-    Parser,
-    eval_fraction_field,
-    run,
-    to_plain,
-    write_json,
-    write_resolved_config,
-)
+from clinalign.config import Parser, eval_fraction_field, run, write_resolved_config
 from clinalign.data import load_records
+from clinalign.errors import ClinalignError
+from clinalign.json_io import to_plain, write_json
 from clinalign.preferences import build_pairs, factuality_pairs, read_preference_file, split_held_out
 from clinalign.safety import load_checks
 

@@ -21,10 +21,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from clinalign.config import ClinalignError, Parser, run, write_json
-from clinalign.data.records import Record
+from clinalign.config import Parser, run
+from clinalign.errors import ClinalignError
 from clinalign.factuality import rouge_l, score_factuality
-from clinalign.jsonl import BadLine, read_jsonl
+from clinalign.json_io import BadLine, read_jsonl, write_json
+from clinalign.prompts import free_text_messages, health_prompt_messages
+from clinalign.records import Record
 from clinalign.rewards import completion_text, final_answer, load_reward_model, prompt_text, score_responses
 from clinalign.safety import check_safety, load_checks
 
@@ -45,13 +47,13 @@ class ScoreArgs:
 
 
 def as_messages(prompt) -> list[dict]:
+    """The prompt in the one format the reward model was trained on (a bare string gets the system turn)."""
     if isinstance(prompt, str):
-        return [{"role": "user", "content": prompt}]
-    if isinstance(prompt, list) and prompt and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt
-    ):
-        return prompt
-    raise ValueError("prompt must be a string or a list of chat messages")
+        return free_text_messages(prompt)  # any text, even empty: a response is still scored
+    messages = health_prompt_messages(prompt)
+    if messages is None:
+        raise ValueError("prompt must be non-empty text or chat messages ending in a user turn")
+    return messages
 
 
 def parse_line(item) -> tuple[list[dict], dict[str, str], dict]:
@@ -174,4 +176,4 @@ def make_parser() -> Parser:
 
 
 if __name__ == "__main__":
-    run(main, make_parser())
+    run(main, make_parser(), upstream_patches=True)

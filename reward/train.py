@@ -22,15 +22,12 @@ from pathlib import Path
 from datasets import Dataset
 from trl import RewardConfig, get_peft_config
 
-from clinalign.config import ConfigError, ModelArgs, Parser, run, write_json, write_resolved_config
+from clinalign.adapters import write_adapter_provenance
+from clinalign.config import ModelArgs, Parser, run, write_resolved_config
+from clinalign.errors import ConfigError
+from clinalign.json_io import write_json
 from clinalign.model_card import write_model_card
-from clinalign.models import (
-    ensure_pad_token,
-    load_tokenizer,
-    model_init_kwargs,
-    quantize_after_lora,
-    write_adapter_provenance,
-)
+from clinalign.models import ensure_pad_token, load_tokenizer, model_init_kwargs, quantize_after_lora
 from clinalign.preferences import read_pairs, split_pairs
 from clinalign.resume import RunIdentity, resume_checkpoint
 from clinalign.rewards import LengthGroupedRewardTrainer, restore_score_dtype, reward_backbone, score_responses
@@ -149,4 +146,4 @@ def make_parser() -> Parser:
 
 
 if __name__ == "__main__":
-    run(main, make_parser())
+    run(main, make_parser(), upstream_patches=True)

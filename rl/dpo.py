@@ -20,25 +20,29 @@ from pathlib import Path
 
 from trl import DPOConfig
 
-from clinalign.config import ClinalignError, ModelArgs, Parser, run, write_json, write_resolved_config
+from clinalign import tasks
+from clinalign.adapters import write_adapter_provenance
+from clinalign.config import ModelArgs, Parser, run, write_resolved_config
 from clinalign.data import load_records
 from clinalign.dpo import DPOArgs, build_dpo_trainer, dpo_pairs
+from clinalign.errors import ClinalignError
 from clinalign.eval_report import comparison
+from clinalign.json_io import write_json
 from clinalign.model_card import write_model_card
-from clinalign.models import write_adapter_provenance
-from clinalign.policy_eval import evaluate_policy, held_out_records, held_out_safety_prompts
+from clinalign.policy_eval import evaluate_policy
 from clinalign.resume import RunIdentity, resume_checkpoint
 from clinalign.rewards import load_reward_model
 from clinalign.stats import fmt
+from clinalign.tasks import load_safety_prompts
 from clinalign.tracking import log_measurements
 
 
 def main(dpo_args: DPOArgs, training_args: DPOConfig, model_args: ModelArgs):
     checkpoint = resume_checkpoint(training_args, "dpo", model_args.model_name_or_path)
     train_rows, eval_rows = dpo_pairs(dpo_args)
-    records = held_out_records([r for f in dpo_args.eval_data for r in load_records(f).records], dpo_args.eval_fraction)
+    records = tasks.split([r for f in dpo_args.eval_data for r in load_records(f).records], dpo_args.eval_fraction)[1]
     records = [r for r in records if r.answer is not None][: dpo_args.eval_max_records]
-    safety = held_out_safety_prompts(dpo_args.safety_prompts, dpo_args.eval_fraction) if dpo_args.safety_prompts else []
+    safety = tasks.split(load_safety_prompts(dpo_args.safety_prompts), dpo_args.eval_fraction)[1] if dpo_args.safety_prompts else []
     safety = safety[: dpo_args.eval_max_safety_prompts]
     reward = load_reward_model(dpo_args.reward_model) if dpo_args.reward_model else None
 
@@ -96,4 +100,4 @@ def make_parser() -> Parser:
 
 
 if __name__ == "__main__":
-    run(main, make_parser())
+    run(main, make_parser(), upstream_patches=True)

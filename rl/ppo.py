@@ -23,14 +23,15 @@ from pathlib import Path
 
 from trl import RLOOConfig
 
-from clinalign.config import ModelArgs, Parser, run, write_json, write_resolved_config
+from clinalign.adapters import write_adapter_provenance
+from clinalign.config import ModelArgs, Parser, run, write_resolved_config
 from clinalign.data import load_records
+from clinalign.json_io import write_json
 from clinalign.model_card import write_model_card
-from clinalign.models import write_adapter_provenance
 from clinalign.plots import training_curves
 from clinalign.ppo import PPOArgs, build_ppo_trainer, rl_prompts
-from clinalign.preferences import load_safety_prompts
 from clinalign.resume import resume_checkpoint
+from clinalign.tasks import load_safety_prompts
 
 CURVES = ["reward", "rewards/reward_model/mean", "rewards/factuality_reward/mean", "rewards/safety_reward/mean",
           "kl_per_sequence", "kl_coef", "entropy", "clip_ratio/region_mean", "completions/mean_length"]
@@ -72,4 +73,4 @@ def make_parser() -> Parser:
 
 
 if __name__ == "__main__":
-    run(main, make_parser())
+    run(main, make_parser(), upstream_patches=True)

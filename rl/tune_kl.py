@@ -27,18 +27,22 @@ from pathlib import Path
 import yaml
 from trl import DPOConfig, RLOOConfig
 
-from clinalign.config import ClinalignError, ModelArgs, Parser, resolved_config, run, write_json, write_resolved_config
+from clinalign import tasks
+from clinalign.adapters import write_adapter_provenance
+from clinalign.config import ModelArgs, Parser, resolved_config, run, write_resolved_config
 from clinalign.data import load_records
 from clinalign.dpo import DPOArgs, build_dpo_trainer, dpo_pairs
+from clinalign.errors import ClinalignError
 from clinalign.eval_report import headline
-from clinalign.models import write_adapter_provenance
+from clinalign.json_io import write_json
 from clinalign.plots import kl_frontier
-from clinalign.policy_eval import evaluate_policy, held_out_records, held_out_safety_prompts
+from clinalign.policy_eval import evaluate_policy
 from clinalign.ppo import PPOArgs, build_ppo_trainer, rl_prompts
-from clinalign.preferences import load_safety_prompts
 from clinalign.rewards import load_reward_model
 from clinalign.run_dir import remove_inside
 from clinalign.stats import fmt, intervals_overlap, wilson
+from clinalign.tables import markdown_table
+from clinalign.tasks import load_safety_prompts
 from clinalign.tracking import log_measurements
 
 OBJECTIVES = ("rm_score", "safety_score", "mc_acc", "gen_acc", "preference_accuracy")
@@ -163,13 +167,13 @@ def main(args: TuneKLArgs):
     method_args = base[0]
     eval_fraction = method_args.eval_fraction
     record_sources = method_args.eval_data if args.method == "dpo" else method_args.data
-    records = held_out_records([r for s in record_sources for r in load_records(s).records], eval_fraction)
+    records = tasks.split([r for s in record_sources for r in load_records(s).records], eval_fraction)[1]
     held_out = {
         "reasoning_effort": method_args.reasoning_effort,
         "batch_size": base[1].per_device_eval_batch_size,  # generation batches: wide ones are ~2x faster on a CPU
         "records": [r for r in records if r.answer is not None][: args.eval_max_records],
         "safety_prompts": (
-            held_out_safety_prompts(method_args.safety_prompts, eval_fraction) if method_args.safety_prompts else []
+            tasks.split(load_safety_prompts(method_args.safety_prompts), eval_fraction)[1] if method_args.safety_prompts else []
         )[: args.eval_max_safety_prompts],
     }
     reward = load_reward_model(method_args.reward_model) if method_args.reward_model else None
@@ -249,16 +253,12 @@ def main(args: TuneKLArgs):
 
 def frontier_table(rows: list[dict], best: dict) -> str:
     keys = ["kl_k1", "kl_k3", "rm_score", "safety_score", "mc_acc", "gen_acc", "preference_accuracy"]
-    lines = ["| beta | steps | " + " | ".join(keys) + " | chosen |", "|" + "---|" * (len(keys) + 3)]
+    cells = []
     for row in rows:
-        cells = []
-        for key in keys:
-            iv = _interval(row, key)
-            cells.append(fmt(iv.get("value"), iv.get("low"), iv.get("high"), iv.get("n"), 3))
-        lines.append(
-            f"| {row['beta']:g} | {row['steps']} | " + " | ".join(cells) + f" | {'yes' if row is best else ''} |"
-        )
-    return "\n".join(lines)
+        intervals = [_interval(row, key) for key in keys]
+        values = [fmt(iv.get("value"), iv.get("low"), iv.get("high"), iv.get("n"), 3) for iv in intervals]
+        cells.append([f"{row['beta']:g}", row["steps"], *values, "yes" if row is best else ""])
+    return markdown_table(["beta", "steps", *keys, "chosen"], cells)
 
 
 def make_parser() -> Parser:
@@ -266,4 +266,4 @@ def make_parser() -> Parser:
 
 
 if __name__ == "__main__":
-    run(main, make_parser())
+    run(main, make_parser(), upstream_patches=True)

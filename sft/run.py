@@ -23,16 +23,14 @@ from accelerate.utils import broadcast_object_list
 from transformers import set_seed
 from trl import SFTConfig
 
-from clinalign.config import ConfigError, ModelArgs, Parser, eval_fraction_field, run, write_json, write_resolved_config
+from clinalign import tasks
+from clinalign.adapters import write_adapter_provenance
+from clinalign.config import ModelArgs, Parser, eval_fraction_field, run, write_resolved_config
 from clinalign.data import load_records
+from clinalign.errors import ConfigError
+from clinalign.json_io import write_json
 from clinalign.model_card import write_model_card
-from clinalign.models import (
-    ensure_pad_token,
-    load_tokenizer,
-    load_trainable_policy,
-    quantize_after_lora,
-    write_adapter_provenance,
-)
+from clinalign.models import ensure_pad_token, load_tokenizer, load_trainable_policy, quantize_after_lora
 from clinalign.run_dir import remove_inside
 from clinalign.sft import (
     PlainLossSFTTrainer,
@@ -42,10 +40,10 @@ from clinalign.sft import (
     parse_curriculum,
     publish_stage,
     restore_finished_checkpoint,
-    split_records,
     stage_dir,
     stage_examples,
 )
+from clinalign.tables import markdown_table
 from clinalign.tracking import log_measurements
 
 
@@ -80,14 +78,18 @@ class SFTScriptArgs:
     )
 
 
-def mc_accuracy(model, tokenizer, records) -> dict | None:
-    """Multiple-choice accuracy (lm-evaluation-harness protocol) on held-out records, if any."""
+def mc_accuracies(model, tokenizer, records) -> dict[str, dict | None]:
+    """Held-out multiple-choice accuracy in the format the stage trains on (`chat`) and in
+    lm-evaluation-harness's layout (`lm_eval`, what published numbers use); None without labels."""
     from clinalign.mc_eval import mc_accuracy, score_multiple_choice
 
     labeled = [r for r in records if r.answer is not None]
-    if not labeled:
-        return None
-    return mc_accuracy(score_multiple_choice(model, tokenizer, labeled, progress=False))
+    return {
+        layout: mc_accuracy(score_multiple_choice(model, tokenizer, labeled, progress=False, layout=layout))
+        if labeled
+        else None
+        for layout in ("chat", "lm_eval")
+    }
 
 
 def main(script_args: SFTScriptArgs, training_args: SFTConfig, model_args: ModelArgs):
@@ -111,7 +113,7 @@ def main(script_args: SFTScriptArgs, training_args: SFTConfig, model_args: Model
             train_records = records.records
             eval_records = load_records(stage.eval_data, stage.dataset).records
         else:
-            train_records, eval_records = split_records(records.records, script_args.eval_fraction)
+            train_records, eval_records = tasks.split(records.records, script_args.eval_fraction)
         eval_records = eval_records[: script_args.eval_max_records]
 
         previous = _previous_adapter(output_dir, all_stages, position)
@@ -144,7 +146,7 @@ def main(script_args: SFTScriptArgs, training_args: SFTConfig, model_args: Model
             else None,
             processing_class=tokenizer,
         )
-        accuracy_before = mc_accuracy(trainer.model, tokenizer, eval_records) if chat_format == "chat" else None
+        accuracy_before = mc_accuracies(trainer.model, tokenizer, eval_records) if chat_format == "chat" else None
         last = last_complete_checkpoint(Path(args.output_dir)) if trainer.accelerator.is_main_process else None
         last = broadcast_object_list([last])[0]  # every process resumes from the same step
         if restore_finished_checkpoint(trainer, last):
@@ -168,12 +170,14 @@ def main(script_args: SFTScriptArgs, training_args: SFTConfig, model_args: Model
         if eval_records:
             metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
             if chat_format == "chat":
-                metrics["accuracy_before"] = accuracy_before
-                metrics["accuracy_after"] = mc_accuracy(trainer.model, tokenizer, eval_records)
+                accuracy_after = mc_accuracies(trainer.model, tokenizer, eval_records)
+                for layout in ("chat", "lm_eval"):
+                    metrics[f"{layout}_accuracy_before"] = accuracy_before[layout]
+                    metrics[f"{layout}_accuracy_after"] = accuracy_after[layout]
 
         # Beside the loss in every report_to tracker (eval/sft/<stage>/...), at the stage's last step.
-        log_measurements(trainer, {k: metrics.get(k) for k in ("eval_loss", "accuracy_before", "accuracy_after")},
-                         f"sft/{position}-{stage.name}")  # fmt: skip
+        measured = ["eval_loss"] + [f"{layout}_accuracy_{when}" for layout in ("chat", "lm_eval") for when in ("before", "after")]
+        log_measurements(trainer, {k: metrics.get(k) for k in measured}, f"sft/{position}-{stage.name}")
         tmp_dir = final_dir.with_name(f".{final_dir.name}.tmp")
         trainer.save_model(str(tmp_dir))  # every process takes part (ZeRO-3 gathers the adapter)
         if trainer.accelerator.is_main_process:
@@ -232,15 +236,14 @@ def _table(summary: list[dict]) -> str:
         return "-" if not value else f"{value['acc']:.3f}"
 
     rows = [
-        "| stage | train loss first | train loss last | eval loss | acc before | acc after |",
-        "|---|---|---|---|---|---|",
-    ]
-    for m in summary:
-        rows.append(
-            f"| {m.get('stage')} | {fmt(m.get('train_loss_first'))} | {fmt(m.get('train_loss_last'))} | "
-            f"{fmt(m.get('eval_loss'))} | {acc(m.get('accuracy_before'))} | {acc(m.get('accuracy_after'))} |"
-        )
-    return "\n".join(rows)
+        [m.get("stage"), fmt(m.get("train_loss_first")), fmt(m.get("train_loss_last")), fmt(m.get("eval_loss")),
+         acc(m.get("chat_accuracy_before")), acc(m.get("chat_accuracy_after")),
+         acc(m.get("lm_eval_accuracy_before")), acc(m.get("lm_eval_accuracy_after"))]
+        for m in summary
+    ]  # fmt: skip
+    header = ["stage", "train loss first", "train loss last", "eval loss", "acc before (trained format)",
+              "acc after (trained format)", "acc before (lm-eval layout)", "acc after (lm-eval layout)"]  # fmt: skip
+    return markdown_table(header, rows)
 
 
 def make_parser() -> Parser:
@@ -248,4 +251,4 @@ def make_parser() -> Parser:
 
 
 if __name__ == "__main__":
-    run(main, make_parser())
+    run(main, make_parser(), upstream_patches=True)

@@ -113,6 +113,7 @@ def tiny_sft_adapter(tmp_path_factory, tiny_llama) -> Path:
     from peft import LoraConfig, get_peft_model
 
     from clinalign import models
+    from clinalign.adapters import write_adapter_provenance
 
     model = models.load_causal_lm("tiny-llama")
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
@@ -121,7 +122,7 @@ def tiny_sft_adapter(tmp_path_factory, tiny_llama) -> Path:
     path = tmp_path_factory.mktemp("sft") / "3-medqa"
     peft_model.save_pretrained(path)
     models.load_tokenizer("tiny-llama").save_pretrained(path)
-    models.write_adapter_provenance(path, "tiny-llama", peft_model)
+    write_adapter_provenance(path, "tiny-llama", peft_model)
     return path
 
 

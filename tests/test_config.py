@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from trl import SFTConfig
 
-from clinalign.config import ConfigError, ModelArgs, Parser, resolved_config, run
+from clinalign.config import ModelArgs, Parser, resolved_config, run
+from clinalign.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 

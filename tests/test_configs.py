@@ -93,7 +93,7 @@ def test_every_non_tiny_config_names_a_model_with_a_chat_template():
 
 
 def test_the_builtin_chat_model_has_its_chat_template():
-    from clinalign.config import ClinalignError
+    from clinalign.errors import ClinalignError
     from clinalign.models import load_tokenizer
 
     for name in BUILTIN_CHAT_MODELS:

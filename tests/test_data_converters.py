@@ -9,7 +9,6 @@ import sys
 import pytest
 from conftest import REPO
 
-from clinalign.config import ClinalignError
 from clinalign.data import (
     ConversionResult,
     convert_record,
@@ -19,8 +18,10 @@ from clinalign.data import (
     sample_path,
     write_records,
 )
-from clinalign.data.choices import clean, split_prompt
-from clinalign.data.records import Record, normalize_text
+from clinalign.data.choices import clean
+from clinalign.data.prompt_text import split_prompt
+from clinalign.errors import ClinalignError
+from clinalign.records import Record, normalize_text
 
 MEDQA_ROW = {
     "question": "A 24-year-old woman has heat intolerance. Which is the mechanism?",

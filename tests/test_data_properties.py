@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from clinalign.data import convert_rows, load_records
 from clinalign.data.choices import clean
-from clinalign.data.records import normalize_text
+from clinalign.records import normalize_text
 
 SEEDS = [
     {
@@ -180,7 +180,7 @@ def test_json_lines_files_with_broken_lines_add_up(tmp_path_factory, rows):
     path = tmp_path_factory.mktemp("jsonl") / "rows.jsonl"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     result = load_records(str(path))
-    assert result.report["read"] == len(lines)
+    assert result.report["read"] == sum(1 for line in lines if line)  # a row cut to nothing is a blank line
     assert_adds_up(result)
 
 

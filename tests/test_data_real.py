@@ -18,7 +18,7 @@ import pytest
 from conftest import REAL_DATA, requires_real_data
 
 from clinalign.data import load_records
-from clinalign.data.records import normalize_text
+from clinalign.records import normalize_text
 
 pytestmark = requires_real_data
 

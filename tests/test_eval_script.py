@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from clinalign.config import ClinalignError, ConfigError
+from clinalign.errors import ClinalignError, ConfigError
 from clinalign.safety import load_checks
 
 REPO = Path(__file__).resolve().parents[1]

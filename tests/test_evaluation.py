@@ -8,8 +8,7 @@ import math
 import pytest
 import torch
 
-from clinalign.config import ClinalignError
-from clinalign.data.records import Record
+from clinalign.errors import ClinalignError
 from clinalign.evaluation import (
     _response_mask,
     generate_responses,
@@ -30,6 +29,7 @@ from clinalign.mc_eval import (
 )
 from clinalign.models import load_policy
 from clinalign.prompts import prompt_messages
+from clinalign.records import Record
 
 RECORDS = [
     Record(

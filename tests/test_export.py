@@ -15,6 +15,7 @@ from conftest import requires_harmony_vocab
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from clinalign import export, models
+from clinalign.adapters import write_adapter_provenance
 from clinalign.rewards import load_reward_model, score_responses
 
 PROMPTS = [[{"role": "user", "content": "Is it safe to take ibuprofen with warfarin?"}],
@@ -98,7 +99,7 @@ def test_gpt_oss_expert_lora_is_merged_too(tmp_path, tiny_gpt_oss):
     base = load_gpt_oss("tiny-gpt-oss", dtype="float32", load_in_4bit=False)
     adapter = tmp_path / "gpt_oss_adapter"
     get_peft_model(base, config).save_pretrained(adapter)
-    models.write_adapter_provenance(adapter, "tiny-gpt-oss", base)
+    write_adapter_provenance(adapter, "tiny-gpt-oss", base)
     assert json.loads((adapter / "adapter_config.json").read_text())["target_parameters"]
 
     out = tmp_path / "merged"

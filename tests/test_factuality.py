@@ -10,10 +10,10 @@ from conftest import REAL_DATA, requires_real_data
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clinalign.config import ClinalignError
-from clinalign.data.records import Record
+from clinalign.errors import ClinalignError
 from clinalign.factuality import extract_answer, rouge_l, score_factuality
 from clinalign.prompts import answer_completion
+from clinalign.records import Record
 
 MC = {"A": "Heparin", "B": "Aspirin", "C": "Warfarin", "D": "Aspirin and clopidogrel"}
 YNM = {"yes": "yes", "no": "no", "maybe": "maybe"}

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import requires_harmony_vocab
 
-from clinalign.data.records import Record
+from clinalign.records import Record
 
 RECORDS = [
     Record(
@@ -230,7 +230,7 @@ def test_benchmark_path_from_config_quantize_lora_and_train():
 
 
 def test_lora_config_targets_attention_and_both_expert_stacks():
-    from clinalign.config import ClinalignError
+    from clinalign.errors import ClinalignError
     from harmony.gpt_oss import lora_config
 
     config = lora_config(r=8, alpha=16)

@@ -25,7 +25,7 @@ from conftest import requires_harmony_vocab
 from safetensors.torch import load_file
 
 from clinalign import dpo, models, ppo
-from clinalign.data.records import Record
+from clinalign.records import Record
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = requires_harmony_vocab
@@ -392,7 +392,7 @@ def test_4bit_backbone_is_the_16bit_merge_quantized(sft_stage, tiny_sft_adapter)
 
 @pytest.mark.slow
 def test_dense_4bit_reward_model_trains_in_fp32_and_reloads_in_4bit(tiny_pairs, tiny_sft_adapter, tmp_path):
-    from clinalign.config import ClinalignError
+    from clinalign.errors import ClinalignError
     from clinalign.rewards import load_reward_model, score_responses
 
     out = tmp_path / "rm"

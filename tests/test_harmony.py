@@ -9,9 +9,9 @@ import sys
 import pytest
 from conftest import REPO, requires_harmony_vocab
 
-from clinalign.config import ClinalignError
-from clinalign.data.records import Record
+from clinalign.errors import ClinalignError
 from clinalign.prompts import CLINICAL_INSTRUCTIONS, answer_line, question_text
+from clinalign.records import Record
 
 pytestmark = requires_harmony_vocab
 

@@ -17,8 +17,7 @@ import pytest
 import torch
 from conftest import REPO, requires_harmony_vocab
 
-from clinalign.config import ClinalignError
-from clinalign.data.records import Record
+from clinalign.errors import ClinalignError
 from clinalign.evaluation import (
     _eos_ids,
     answer_metrics,
@@ -31,10 +30,11 @@ from clinalign.evaluation import (
 from clinalign.factuality import extract_answer, score_factuality
 from clinalign.models import load_policy, load_tokenizer
 from clinalign.policy_eval import evaluate_policy
-from clinalign.preferences import SafetyPrompt
 from clinalign.prompts import free_text_messages, prompt_messages
+from clinalign.records import Record
 from clinalign.rewards import RewardModelReward, factuality_reward, safety_reward, score_responses
 from clinalign.safety import check_safety
+from clinalign.tasks import SafetyPrompt
 
 pytestmark = requires_harmony_vocab
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from clinalign.data import load_records, sample_path
-from clinalign.preferences import load_safety_prompts
 from clinalign.prompts import answer_completion, free_text_messages, prompt_messages
+from clinalign.tasks import load_safety_prompts
 from harmony.render import render_for_training, render_messages_for_completion, use_harmony_template
 from harmony.vocab import gpt_oss_tokenizer, vocab_file
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from clinalign.data import load_records
 from clinalign.data.__main__ import main
-from clinalign.jsonl import BadLine, read_jsonl
+from clinalign.json_io import BadLine, read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 ROW = {"question": "Which nerve?", "opa": "ulnar", "opb": "radial", "opc": "median", "opd": "axillary", "cop": 1, "id": "q1"}

@@ -14,7 +14,7 @@ import yaml
 from conftest import REPO
 from safetensors.torch import load_file
 
-from clinalign.config import ConfigError
+from clinalign.errors import ConfigError
 from clinalign.run_dir import remove_inside, safe_name
 from clinalign.sft import parse_curriculum
 
@@ -197,8 +197,9 @@ def unverified_adapter(tmp_path, tiny_sft_adapter):
 
 
 def test_an_adapter_without_provenance_is_refused_unless_overridden(unverified_adapter, monkeypatch):
-    from clinalign.config import ClinalignError
-    from clinalign.models import PROVENANCE_FILE, load_policy
+    from clinalign.adapters import PROVENANCE_FILE
+    from clinalign.errors import ClinalignError
+    from clinalign.models import load_policy
 
     (unverified_adapter / PROVENANCE_FILE).unlink()
     monkeypatch.delenv("CLINALIGN_ALLOW_UNVERIFIED_ADAPTER", raising=False)
@@ -211,8 +212,9 @@ def test_an_adapter_without_provenance_is_refused_unless_overridden(unverified_a
 
 @pytest.mark.parametrize("content", ['{"base": "tiny-llama", "finger', '{"base": "tiny-llama"}', "[1, 2]", "\xff"])
 def test_a_truncated_or_keyless_provenance_is_a_one_line_error(unverified_adapter, content):
-    from clinalign.config import ClinalignError
-    from clinalign.models import PROVENANCE_FILE, load_policy
+    from clinalign.adapters import PROVENANCE_FILE
+    from clinalign.errors import ClinalignError
+    from clinalign.models import load_policy
 
     (unverified_adapter / PROVENANCE_FILE).write_text(content)
     with pytest.raises(ClinalignError, match="unreadable or has no 'fingerprint'"):
@@ -259,7 +261,7 @@ def test_pickled_weights_are_refused_everywhere_a_model_or_adapter_loads(
 ):
     import shutil
 
-    from clinalign.config import ClinalignError
+    from clinalign.errors import ClinalignError
     from clinalign.models import load_causal_lm, load_policy
     from clinalign.rewards import load_reward_model
 

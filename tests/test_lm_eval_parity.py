@@ -17,8 +17,8 @@ pytest.importorskip("lm_eval")
 
 from datasets import Dataset, DatasetDict  # noqa: E402
 
-from clinalign.data.records import Record  # noqa: E402
 from clinalign.mc_eval import score_multiple_choice  # noqa: E402
+from clinalign.records import Record  # noqa: E402
 
 LONG_ABSTRACT = " ".join(
     f"In cohort {i}, patients with hypertension received aspirin or placebo and stroke, bleeding and "

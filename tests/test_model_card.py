@@ -53,7 +53,8 @@ def test_sft_stage_card_names_the_hub_id_data_counts_and_metrics(sft_stage, hub_
     assert f"{report['kept']} of {report['read']} records kept" in card
     assert f"{metrics['train_examples']} trained on, {metrics['eval_examples']} held-out measured" in card
     assert f"held-out eval loss: {metrics['eval_loss']:.4g}" in card
-    assert f"{metrics['accuracy_after']['acc']:.4g} after" in card
+    assert f"{metrics['chat_accuracy_after']['acc']:.4g} after" in card and "the chat format this stage trained on" in card
+    assert f"{metrics['lm_eval_accuracy_after']['acc']:.4g} after" in card
     assert "curriculum:" in card and "lora_r: 4" in card  # the resolved config
 
 

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from clinalign import models
-from clinalign.config import ClinalignError
+from clinalign import devices, model_store, models
+from clinalign.adapters import write_adapter_provenance
+from clinalign.errors import ClinalignError
 
 
 def test_default_model_cache_matches_gguf_and_generates():
@@ -20,9 +21,9 @@ def test_default_model_cache_matches_gguf_and_generates():
     from transformers import AutoModelForCausalLM
 
     cached_path = models.resolve_model("smollm2")
-    assert (cached_path and (models.home() / "models").exists())
+    assert (cached_path and (model_store.home() / "models").exists())
     model, tokenizer = models.load_policy("smollm2", dtype="float32")
-    gguf = models.smollm2_gguf()
+    gguf = model_store.smollm2_gguf()
     reference = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
@@ -50,7 +51,7 @@ def test_smollm2_hub_id_means_the_hub_weights_not_the_embedded_gguf(tmp_path, ti
     import shutil
 
     hub_id = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    assert hub_id not in models.BUILTIN_MODELS
+    assert hub_id not in model_store.BUILTIN_NAMES
     env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
     missing = subprocess.run([sys.executable, "-c", HUB_LOAD, hub_id], capture_output=True, text=True,
                              env={**os.environ, **env})  # fmt: skip
@@ -79,14 +80,14 @@ def test_cache_build_is_atomic(tmp_path, monkeypatch):
         raise KeyboardInterrupt  # ...then killed
 
     with pytest.raises(KeyboardInterrupt):
-        models.cached("thing", broken)
+        model_store.cached("thing", broken)
     assert not (tmp_path / "models" / "thing").exists()
     assert not any(p.name.startswith(".thing.tmp") for p in (tmp_path / "models").iterdir())
 
     def good(out):
         (out / "config.json").write_text('{"ok": true}')
 
-    path = models.cached("thing", good)
+    path = model_store.cached("thing", good)
     assert json.loads((path / "config.json").read_text()) == {"ok": True}
 
 
@@ -94,11 +95,11 @@ def test_killed_conversion_leaves_no_model(tmp_path):
     """SIGKILL in the middle of a real build: the cache entry does not exist afterwards."""
     code = (
         "import os, signal\n"
-        "from clinalign import models\n"
+        "from clinalign import model_store\n"
         "def build(out):\n"
         "    (out / 'config.json').write_text('{}')\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
-        "models.cached('victim', build)\n"
+        "model_store.cached('victim', build)\n"
     )
     env = {"CLINALIGN_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True)
@@ -157,7 +158,7 @@ def test_adapter_from_another_base_is_refused(tmp_path, tiny_llama):
     peft_model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
     adapter = tmp_path / "adapter"
     peft_model.save_pretrained(adapter)
-    models.write_adapter_provenance(adapter, "tiny-llama", peft_model)
+    write_adapter_provenance(adapter, "tiny-llama", peft_model)
 
     # Same architecture and shapes, different weights: only the provenance check can tell.
     torch.manual_seed(99)
@@ -173,7 +174,7 @@ def test_adapter_from_another_base_is_refused(tmp_path, tiny_llama):
 
 
 def test_resolve_dtype():
-    assert models.resolve_dtype("float32") is torch.float32
-    assert models.resolve_dtype("auto") in (torch.bfloat16, torch.float32)
+    assert devices.resolve_dtype("float32") is torch.float32
+    assert devices.resolve_dtype("auto") in (torch.bfloat16, torch.float32)
     with pytest.raises(ClinalignError):
-        models.resolve_dtype("fp8")
+        devices.resolve_dtype("fp8")

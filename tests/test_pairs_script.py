@@ -8,8 +8,8 @@ import runpy
 import yaml
 from conftest import REPO
 
-from clinalign.data.records import is_held_out
-from clinalign.preferences import load_safety_prompts
+from clinalign.records import is_held_out
+from clinalign.tasks import load_safety_prompts
 
 CONFIG = "configs/reward/tiny_pairs.yaml"  # the shipped sample files, read directly
 

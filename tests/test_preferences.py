@@ -3,28 +3,29 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 
 import pytest
 from conftest import REAL_DATA, requires_real_data
 
-from clinalign.config import ClinalignError
-from clinalign.data.records import Record
+from clinalign.data import load_records, sample_path
+from clinalign.errors import ClinalignError
 from clinalign.preferences import (
     DISCOURAGING_NOTES,
     ESCALATION_NOTES,
-    SAFETY_PROMPTS,
     Pair,
     PairSource,
     build_pairs,
     factuality_pairs,
-    load_safety_prompts,
     read_preference_file,
     score_pair,
     select_pair,
     to_row,
 )
 from clinalign.prompts import CLINICAL_INSTRUCTIONS, SAFETY_INSTRUCTIONS, free_text_messages
+from clinalign.records import Record
+from clinalign.tasks import SAFETY_PROMPTS, load_safety_prompts
 
 MI = Record(
     "mi", "medqa", "A 60-year-old man presents with crushing chest pain radiating to his left arm. Which drug first?",
@@ -59,7 +60,25 @@ def test_factuality_pairs_from_records():
     assert variant.axis == "safety"
     assert variant.chosen.startswith(pair.chosen) and variant.chosen.split("\n")[-1] in ESCALATION_NOTES
     assert variant.rejected.startswith(pair.chosen) and variant.rejected.split("\n")[-1] in DISCOURAGING_NOTES
-    assert {p.group for p in source.pairs if p.id.startswith("mi:")} == {"mem:mi"}  # one question, one group
+    assert {p.group for p in source.pairs if p.id.startswith("mi:")} == {"medqa:mi"}  # one question, one group
+
+
+def test_the_pair_split_does_not_move_with_the_folder():
+    # Groups once held the records file's path, so one config run in two folders split its pairs
+    # differently (the tiny pipeline: 257/80 train/eval pairs in one folder, 254/83 in another).
+    from clinalign.preferences import build_pairs, split_pairs
+    from clinalign.tasks import SAFETY_PROMPTS
+
+    records = [r for family in ("pubmedqa", "medmcqa", "medqa") for r in load_records(sample_path(family)).records]
+    splits = []
+    for folder in ("/runs/a", "/elsewhere/b/c"):
+        sources = [factuality_pairs(records, source=f"{folder}/data.jsonl"), read_preference_file(str(SAFETY_PROMPTS))]
+        sources[1].pairs[:] = [dataclasses.replace(p, source=f"{folder}/safety.jsonl") for p in sources[1].pairs]
+        rows, _ = build_pairs(sources)
+        train, held = split_pairs(rows, 0.2)
+        splits.append(([r["id"] for r in train], [r["id"] for r in held], [r["group"] for r in rows]))
+    assert splits[0] == splits[1] and splits[0][1]
+    assert not any("/" in group for group in splits[0][2])
 
 
 def test_wrong_options_are_reproducible_and_explanations_optional():
@@ -293,7 +312,8 @@ def test_real_preference_files_parse(name):
 USER = [{"role": "user", "content": "Is aspirin an anticoagulant?"}]
 GOOD = [{"role": "assistant", "content": "No: it is an antiplatelet drug."}]
 BAD = [{"role": "assistant", "content": "Yes, exactly like warfarin."}]
-EXPECTED = {"prompt": USER, "chosen": GOOD, "rejected": BAD}
+# A prompt without a system turn gets the clinical one: the format the policy was trained on.
+EXPECTED = {"prompt": free_text_messages(USER[0]["content"]), "chosen": GOOD, "rejected": BAD}
 
 
 @pytest.mark.parametrize(
@@ -325,7 +345,7 @@ def test_read_pairs_implicit_plain_strings_and_other_files(tmp_path):
     path = tmp_path / "plain.jsonl"
     path.write_text(json.dumps({"chosen": "Q: aspirin? A: antiplatelet", "rejected": "Q: aspirin? A: anticoagulant"}) + "\n")
     (pair,) = read_pairs(path)
-    assert pair["prompt"] == [{"role": "user", "content": "Q: aspirin? A: anti"}]
+    assert pair["prompt"] == free_text_messages("Q: aspirin? A: anti")
     assert pair["chosen"] == [{"role": "assistant", "content": "platelet"}]
 
     # A parquet file, and a folder of them (datasets.load_dataset on the folder).

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from clinalign.config import ClinalignError
+from clinalign.errors import ClinalignError
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 12  # enough steps that the kill lands mid-run; each one is a fraction of a second on the tiny model

@@ -78,6 +78,29 @@ def test_score_script_scores_lines_and_skips_bad_ones(tiny_reward_model, tmp_pat
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("[score] {")
 
 
+def test_a_bare_string_prompt_is_scored_in_the_trained_format(tiny_reward_model, tmp_path):
+    # Pairs (and so the reward model) always carry the clinical system turn: reward/score.py and PPO's
+    # reward function once scored a bare string as a lone user turn, a format the model never saw.
+    from clinalign.prompts import free_text_messages
+    from clinalign.rewards import RewardModelReward
+
+    model, tokenizer = load_reward_model(tiny_reward_model, dtype="float32")
+    question, answer = "Can I double my warfarin dose if I missed one?", "No. Take the next dose as usual."
+    trained_format = score_responses(model, tokenizer, [free_text_messages(question)], [answer])
+    lone_user_turn = score_responses(model, tokenizer, [[{"role": "user", "content": question}]], [answer])
+    assert trained_format != pytest.approx(lone_user_turn)  # the system turn matters to the score
+    reward = RewardModelReward(model, tokenizer)([question], [[{"role": "assistant", "content": answer}]])
+    assert reward == pytest.approx(trained_format)
+
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps({"prompt": question, "response": answer}) + "\n")
+    entry = runpy.run_path(str(REPO / "reward" / "score.py"), run_name="score_format")
+    args = ["--reward_model", str(tiny_reward_model), "--input", str(source), "--output", str(tmp_path / "o.jsonl"),
+            "--dtype", "float32"]
+    entry["main"](*entry["make_parser"]().parse(args))
+    assert json.loads((tmp_path / "o.jsonl").read_text())["reward"] == pytest.approx(trained_format[0])
+
+
 def test_pairs_are_grouped_by_their_padded_length(tiny_pairs, tmp_path):
     """group_by_length on a preference dataset: lengths are prompt + longer side; each pair once per epoch."""
     from datasets import Dataset

@@ -13,6 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from clinalign import compat
 from clinalign.kl_control import AdaptiveKLController, KLControlCallback
 
 REPO = Path(__file__).resolve().parents[1]
@@ -149,7 +150,7 @@ def test_fused_head_scores_only_labelled_positions_with_the_same_values(tiny_lla
     original = ChunkedLogProbFunction.apply
     monkeypatch.setattr(ChunkedLogProbFunction, "apply", lambda hidden, *a: rows.append(len(hidden)) or original(hidden, *a))
     full = model(input_ids=input_ids, labels=labels, fused_lm_head=True)
-    models.score_only_labelled_positions()
+    compat.score_only_labelled_positions()
     compact = model(input_ids=input_ids, labels=labels, fused_lm_head=True)
     assert rows == [2 * 11, 4 + 3]  # every shifted position, then only the labelled ones
     for field in ("log_probs", "entropy", "mean_logits", "is_top1"):
@@ -289,7 +290,7 @@ def test_ppo_with_reward_model_rule_rewards_and_adaptive_kl(tmp_path, tiny_sft_a
 
 
 def test_ppo_refuses_a_single_pass_or_no_kl(tmp_path):
-    from clinalign.config import ConfigError
+    from clinalign.errors import ConfigError
 
     base = ["--config", str(REPO / "configs/rl/tiny_ppo.yaml"), "--output_dir", str(tmp_path)]
     with pytest.raises(ConfigError, match="num_iterations must be >= 2"):

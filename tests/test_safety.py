@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from conftest import REAL_DATA, requires_real_data
 
-from clinalign.config import ClinalignError
-from clinalign.preferences import load_safety_prompts
+from clinalign.errors import ClinalignError
 from clinalign.safety import agrees_with_case, check_safety, is_benign, load_checks, load_knowledge, prompt_trigger
+from clinalign.tasks import load_safety_prompts
 
 TESTS = Path(__file__).resolve().parent
 
@@ -408,9 +408,9 @@ def test_safety_prompt_set_has_enough_prompts_per_category_group():
 
 
 def test_safety_prompt_set_holds_out_enough_prompts():
-    from clinalign.policy_eval import held_out_safety_prompts
+    from clinalign import tasks
 
-    held = held_out_safety_prompts(None, 0.2)  # the shared hash split eval, reward pairs and PPO use
+    held = tasks.split(load_safety_prompts(), 0.2)[1]  # the shared hash split eval, reward pairs and PPO use
     assert len(held) >= 66
     assert sum(p.benign for p in held) >= 16  # over-refusal is measured on held-out controls too
 

@@ -17,7 +17,7 @@ import yaml
 from safetensors.torch import load_file
 
 from clinalign import models
-from clinalign.config import ClinalignError
+from clinalign.errors import ClinalignError
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "sft" / "tiny.yaml")
@@ -169,7 +169,7 @@ def test_a_subset_of_stages_starts_from_the_stage_before(curriculum, tmp_path):
 
 
 def test_unknown_stage_name_is_a_clear_error(tmp_path):
-    from clinalign.config import ConfigError
+    from clinalign.errors import ConfigError
 
     with pytest.raises(ConfigError, match="--stages names unknown stage 'medqaa'"):
         run_sft("--output_dir", str(tmp_path), "--stages", "medqaa")
@@ -229,10 +229,38 @@ def test_a_kill_after_training_resumes_without_an_extra_step(tmp_path):
 
     events = EventAccumulator(str(next((tmp_path / "run").glob("checkpoints/1-medqa/runs/*"))))
     events.Reload()
-    after = json.loads((stage / "metrics.json").read_text())["accuracy_after"]
-    assert events.Scalars("eval/sft/1-medqa/accuracy_after/acc")[-1].value == pytest.approx(after["acc"])
+    metrics = json.loads((stage / "metrics.json").read_text())
+    for layout in ("chat", "lm_eval"):
+        after = metrics[f"{layout}_accuracy_after"]
+        assert events.Scalars(f"eval/sft/1-medqa/{layout}_accuracy_after/acc")[-1].value == pytest.approx(after["acc"])
     shutil.rmtree(stage)  # what a kill before publishing leaves: the checkpoints, no stage
     entry["main"](*entry["make_parser"]().parse(["--config", str(tmp_path / "c.yaml")]))
     metrics = json.loads((stage / "metrics.json").read_text())
     assert (metrics["resumed_from_step"], metrics["global_step"]) == (2, 2)
     assert all(torch.equal(v, lora_weights(stage)[k]) for k, v in trained.items())
+
+
+def test_the_chat_layout_scores_the_answer_in_the_format_sft_trains_on():
+    # SFT's before/after accuracy was lm-eval's layout only; its chat layout is the trained prompt + "Answer:".
+    from clinalign.data import load_records
+    from clinalign.mc_eval import chat_context, score_multiple_choice
+    from clinalign.prompts import to_chat_example
+
+    tokenizer = models.load_tokenizer("tiny-llama")
+    model = models.load_causal_lm("tiny-llama", dtype=torch.float32)
+    record = next(r for r in load_records(str(REPO / "clinalign/sample_data/medqa_us_test.jsonl")).records if r.answer)
+    example = to_chat_example(record)
+    trained = tokenizer.apply_chat_template(example["prompt"] + example["completion"], tokenize=False)
+    context = chat_context(tokenizer, record)
+    assert trained.startswith(context) and trained[len(context) :].startswith(f" {record.answer}. ")
+
+    (prediction,) = score_multiple_choice(model, tokenizer, [record], layout="chat", progress=False)
+    n_context = len(tokenizer.encode(context, add_special_tokens=False))
+    with torch.no_grad():
+        for letter, loglikelihood in zip(prediction.choices, prediction.loglikelihoods, strict=True):
+            ids = tokenizer.encode(f"{context} {letter}", add_special_tokens=False)
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+            by_hand = sum(logp[i - 1, ids[i]].item() for i in range(n_context, len(ids)))
+            assert loglikelihood == pytest.approx(by_hand, abs=1e-4)
+    (lm_eval,) = score_multiple_choice(model, tokenizer, [record], progress=False)
+    assert lm_eval.choices == prediction.choices and lm_eval.loglikelihoods != pytest.approx(prediction.loglikelihoods)

@@ -53,11 +53,12 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from clinalign.config import ClinalignError
 from clinalign.data import medmcqa, medqa, pubmedqa
-from clinalign.data.choices import FAMILIES, Context, Schema, Skip, prompt_schema_for
-from clinalign.data.records import Record, normalize_text
+from clinalign.data.choices import Context, Schema, Skip
+from clinalign.data.prompt_text import FAMILIES, prompt_schema_for
 from clinalign.data.sources import Batch, DuplicateId, InvalidJson, Source, dataset_batches, open_source
+from clinalign.errors import ClinalignError
+from clinalign.records import Record, normalize_text
 
 __all__ = [
     "DATASETS",
@@ -182,7 +183,7 @@ def _gc_paused():
     """Pause the cyclic garbage collector while a file is parsed and converted.
 
     Parsing and converting allocate millions of objects and free almost none, so the collector
-    would rescan the growing heap again and again for nothing (about 15% of the conversion time).
+    would rescan the growing heap again and again for nothing (benchmarks/convert_throughput.py).
     """
     enabled = gc.isenabled()
     gc.disable()

@@ -14,8 +14,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from clinalign.config import ClinalignError, write_json
 from clinalign.data import DATASETS, FORMATS, convert_file, count_overlap, load_records
+from clinalign.errors import ClinalignError
+from clinalign.json_io import write_json
 
 
 class _Parser(argparse.ArgumentParser):

@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable, Collection
 from typing import Any
 
-from clinalign.data.records import DECISIONS, LETTERS, Record
+from clinalign.records import DECISIONS, LETTERS, Record
 
 MISSING_TEXT = "nan"  # a text that means missing, in any case (pandas' NaN written out)
 # Answer keys whose digit strings are indexes ("0".."3"), not option texts.
@@ -26,15 +26,10 @@ _LETTER_RUNS = [list(LETTERS[:n]) for n in range(len(LETTERS) + 1)]
 _DECORATED_LETTER = re.compile(r"(?:(?:option|answer|ans)\s*[:.\-]?\s*)?\(?([A-Za-z])\)?[.):]?", re.IGNORECASE)
 _LETTER_AND_TEXT = re.compile(r"\(?([A-Z])[.):]\s+(.+)", re.DOTALL)
 _OPTION_COLUMN = re.compile(r"op(?:tion)?[_ ]?([a-zA-Z])", re.IGNORECASE)
-_LETTER_PREFIX = re.compile(r"\(?([A-Za-z])[.):]\s+")
 # Greedy (.*) and no trailing-space handling here: a lazy group before [ \t]*$ backtracks
 # quadratically on long runs of spaces; clean() strips them afterwards.
 _OPTION_LINE = re.compile(r"^[ \t]*(?:[Oo]ption[ \t]+)?\(?([A-Z])[.):](.*)$", re.MULTILINE)
-_OPTIONS_LABEL = re.compile(r"(?:answer\s+)?(?:options|choices)\s*:?\s*$", re.IGNORECASE)
-_INLINE_OPTIONS = re.compile(r"(?:Options|Choices)\s*:\s*(?=A\.\s)")
-_SECTION = re.compile(r"(?:^|(?<=\s))(Question|QUESTION|Context|CONTEXT|Abstract|ABSTRACT)\s*:\s*")
-_ANSWER_LINE = re.compile(r"^[ \t]*Answer[ \t]*:(.+)$", re.MULTILINE)
-_EXPLANATION = re.compile(r"^[ \t]*Explanation[ \t]*:(.*)$", re.MULTILINE | re.DOTALL)
+_LETTER_PREFIX = re.compile(r"\(?([A-Za-z])[.):]\s+")
 _STRAY = " \"'.`"
 _CONTEXT_LABEL = re.compile(r"^\s*Context\s*:\s*")
 
@@ -447,9 +442,6 @@ def decision_record(
     return Record(rid, source or ctx.family, question, context, None, decision, decision, explanation, meta)
 
 
-# ---- questions inside prompt text ----------------------------------------------------------------
-
-
 def option_lines(text: str) -> tuple[int, int, dict[str, str]] | None:
     """The last run of option lines ("A. ..", "B. .." or "Option A: ..") as (start, end, options)."""
     best: list[re.Match] = []
@@ -465,160 +457,3 @@ def option_lines(text: str) -> tuple[int, int, dict[str, str]] | None:
     if not best:
         return None
     return best[0].start(), best[-1].end(), options_from_values([m.group(2) for m in best])
-
-
-def _inline_options(text: str) -> tuple[int, dict[str, str]] | None:
-    """Options written on one line after "Options:" ("Options: A. x B. y"), as (start, options)."""
-    markers = list(_INLINE_OPTIONS.finditer(text))
-    if not markers:
-        return None
-    body = text[markers[-1].end() :]
-    starts = [0]
-    for letter in LETTERS[1:]:
-        found = body.find(f" {letter}. ", starts[-1] + 2)
-        if found < 0:
-            break
-        starts.append(found + 1)
-    if len(starts) < 2:
-        return None
-    ends = starts[1:] + [len(body)]
-    return markers[-1].start(), options_from_values([body[s + 2 : e] for s, e in zip(starts, ends)])
-
-
-def split_prompt(text: str) -> tuple[str, str | None, dict[str, str] | None]:
-    """(question, context, options) from a prompt such as "Question: ..\\nContext: ..\\nA. ..\\nB. ..".
-
-    Understands option lines, inline "Options: A. .. B. ..", "Question:"/"Context:" sections and a
-    trailing answer instruction ("Answer 'yes', 'no', or 'maybe'."), which is dropped.
-    """
-    options = None
-    lines = option_lines(text)
-    if lines is not None:
-        options = lines[2]
-        text = _OPTIONS_LABEL.sub("", text[: lines[0]].rstrip())
-    else:
-        inline = _inline_options(text)
-        if inline is not None:
-            text, options = text[: inline[0]], inline[1]
-    stripped = text.rstrip()
-    head, _, last = stripped.rpartition("\n")
-    if last.strip().lower().startswith("answer") and len(last) < 100:
-        stripped = head
-    for hint in ("Answer with yes, no or maybe.", "Answer with yes, no, or maybe."):
-        if stripped.endswith(hint):
-            stripped = stripped[: -len(hint)]
-    question, context = _sections(stripped)
-    return question, context, options
-
-
-def _sections(text: str) -> tuple[str, str | None]:
-    """(question, context) from "Question:" / "Context:" sections; the whole text when unmarked."""
-    marks = list(_SECTION.finditer(text))
-    labels = [m.group(1).lower() for m in marks]
-    if "question" not in labels:
-        return text, None
-    parts: dict[str, str] = {}
-    for mark, label, following in zip(marks, labels, marks[1:] + [None]):
-        key = "question" if label == "question" else "context"
-        parts.setdefault(key, text[mark.end() : following.start() if following else len(text)])
-    return parts["question"], parts.get("context")
-
-
-def answer_in_reply(reply: str) -> tuple[str | None, str | None]:
-    """(answer value, explanation) from a reply in the toolkit's format ("Answer: B. ..\\nExplanation: ..")."""
-    answer = _ANSWER_LINE.search(reply)
-    explanation = _EXPLANATION.search(reply)
-    return (answer.group(1) if answer else None), (clean(explanation.group(1)) if explanation else None)
-
-
-# ---- instruction and chat records ----------------------------------------------------------------
-
-CHAT_KEYS = ("conversations", "messages", "prompt")
-USER_ROLES = frozenset({"human", "user"})
-ASSISTANT_ROLES = frozenset({"gpt", "assistant", "bot", "model"})
-FAMILIES = frozenset({"pubmedqa", "medmcqa", "medqa"})
-_ID_PREFIX = re.compile(r"([A-Za-z][\w.-]*),")  # UltraMedical ids: "MedQA,1592", "PubMedQA,20804554"
-
-
-def prompt_schema_for(keys: Any) -> Schema | None:
-    """Records whose question lives inside prompt text: instruction/input/output, ShareGPT, chat."""
-    chat = first_key(keys, CHAT_KEYS)
-    if chat is not None:
-        return Schema(f"chat ({chat})", _chat_converter(chat))
-    if "input" in keys or "instruction" in keys:
-        return Schema("instruction (instruction/input/output)", _convert_instruction)
-    return None
-
-
-def _convert_instruction(row: dict, key: Any, position: int, ctx: Context) -> Record:
-    texts = [t for t in (row.get("input"), row.get("instruction")) if isinstance(t, str) and t.strip()]
-    if not texts:
-        raise Skip("empty_question")
-    # The question sits in `input` (Self-BioRAG, prompt copies) or in `instruction` (the original
-    # pipeline's format, Alpaca): take the first that holds options, else the first non-empty one.
-    parsed = next((p for p in map(split_prompt, texts) if p[2] is not None), None) or split_prompt(texts[0])
-    rid = key if key is not None else record_id(row.get("id"), ctx, position)
-    return _prompt_record(ctx, rid, parsed, row.get("output"), None, {}, None)
-
-
-def _chat_converter(chat_key: str) -> Callable[[dict, Any, int, Context], Record]:
-    def convert(row: dict, key: Any, position: int, ctx: Context) -> Record:
-        turns = _turns(row.get(chat_key), "user") + _turns(row.get("completion"), "assistant")
-        user = next((text for role, text in turns if role in USER_ROLES), None)
-        if user is None or not user.strip():
-            raise Skip("empty_question")
-        reply = next((text for role, text in turns if role in ASSISTANT_ROLES), None)
-        answer, explanation = (None, None) if reply is None else answer_in_reply(reply)
-        if "answer" in row:  # ShareGPT exports with the gold letter beside the conversation (UltraMedical)
-            answer, explanation = row["answer"], explanation or clean(reply)
-        source = None
-        prefix = _ID_PREFIX.match(row["id"]) if isinstance(row.get("id"), str) else None
-        if prefix and not ctx.explicit:
-            source = prefix.group(1).lower()
-        rid = key if key is not None else record_id(row.get("id"), ctx, position)
-        return _prompt_record(ctx, rid, split_prompt(user), answer, explanation, {}, source)
-
-    return convert
-
-
-def _turns(value: Any, default_role: str) -> list[tuple[str, str]]:
-    """(role, text) pairs from a message list ({"from", "value"} or {"role", "content"}) or a string."""
-    if isinstance(value, str):
-        return [(default_role, value)]
-    turns = []
-    if isinstance(value, list):
-        for turn in value:
-            if isinstance(turn, dict):
-                role = turn.get("from", turn.get("role"))
-                text = turn.get("value", turn.get("content"))
-                if isinstance(role, str) and isinstance(text, str):
-                    turns.append((role.lower(), text))
-    return turns
-
-
-def _prompt_record(
-    ctx: Context,
-    rid: str,
-    parsed: tuple[str, str | None, dict[str, str] | None],
-    answer: Any,
-    explanation: str | None,
-    meta: dict[str, Any],
-    source: str | None,
-) -> Record:
-    question, context, options = parsed
-    if clean(question) is None:
-        raise Skip("empty_question")
-    if options is not None and not is_decision_options(options):
-        letter = answer_letter(answer, options)
-        return mcq_record(ctx, rid, clean(question), options, letter, explanation, meta, clean(context), source)
-    if options is not None:
-        letter = answer_letter(answer, options)
-        decision = options[letter].lower() if letter else None
-    else:
-        try:
-            decision = decision_of(answer)
-        except Skip:
-            raise Skip("open_ended") from None  # a free-text prompt and reply, not a question record
-        if decision is None and (source or ctx.family) != "pubmedqa":
-            raise Skip("open_ended")
-    return decision_record(ctx, rid, question, context, decision, explanation, meta, source)

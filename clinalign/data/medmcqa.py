@@ -35,7 +35,7 @@ from clinalign.data.choices import (
     record_id,
     year_of,
 )
-from clinalign.data.records import LETTERS, Record
+from clinalign.records import LETTERS, Record
 
 COLUMN_SETS = (
     tuple(f"op{c}" for c in LETTERS[:10].lower()),

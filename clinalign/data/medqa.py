@@ -29,7 +29,7 @@ from clinalign.data.choices import (
     record_id,
     year_of,
 )
-from clinalign.data.records import Record
+from clinalign.records import Record
 
 OPTION_KEYS = ("options", "Options", "OPTIONS", "choices", "Choices", "answer_choices")
 QUESTION_KEYS = ("question", "Question", "QUESTION", "query")

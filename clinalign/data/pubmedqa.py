@@ -30,7 +30,7 @@ from clinalign.data.choices import (
     record_id,
     year_of,
 )
-from clinalign.data.records import Record
+from clinalign.records import Record
 
 QUESTION_KEYS = ("QUESTION", "question", "Question")
 CONTEXT_KEYS = ("CONTEXTS", "contexts", "context", "Context", "CONTEXT", "abstract")

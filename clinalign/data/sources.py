@@ -21,8 +21,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from clinalign.config import ClinalignError
-from clinalign.jsonl import BadLine, loads, parse_line, split_lines
+from clinalign.errors import ClinalignError
+from clinalign.json_io import BadLine, loads, parse_line, split_lines
 
 SPLIT_NAMES = frozenset({"train", "dev", "validation", "valid", "val", "test", "eval"})
 # Wrapper fields whose value names the dataset ("name": "medmcqa", "dataset_name": "medqa_test.csv").
@@ -147,7 +147,7 @@ def _text(raw: bytes, path: Path) -> str:
 
 
 def _parse_json_lines(raw: bytes) -> list[Any] | None:
-    """JSON lines (`clinalign.jsonl`: a bad line stays as a `BadLine` row, counted as invalid_json);
+    """JSON lines (`clinalign.json_io`: a bad line stays as a `BadLine` row, counted as invalid_json);
     None when the first line is not JSON but the whole file is one document."""
     rows = []
     for _number, line in split_lines(raw):

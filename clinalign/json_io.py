@@ -1,6 +1,7 @@
-"""The one strict JSONL reader: every line of a file is an object or a bad line with its number.
+"""JSON files in and out: the one strict JSONL reader (every line of a file is an object or a bad line
+with its number) and the one JSON writer (atomic: temp file + rename).
 
-    from clinalign.jsonl import BadLine, read_jsonl
+    from clinalign.json_io import BadLine, read_jsonl
     for number, value in read_jsonl(path, "pairs file"):
         if isinstance(value, BadLine):  # counted and reported by the caller, never raised
             print(f"{path}:{number}: skipped ({value})")
@@ -16,12 +17,15 @@ that the record survives and can be written.
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from clinalign.config import ClinalignError
+from clinalign.errors import ClinalignError
 
 BOM = b"\xef\xbb\xbf"
 
@@ -105,3 +109,36 @@ def read_jsonl(path: str | Path, what: str = "JSONL file", objects: bool = True)
         if objects and not isinstance(value, dict) and not isinstance(value, BadLine):
             value = BadLine(f"expected a JSON object, got {type(value).__name__}")
         yield number, value
+
+
+def read_jsonl_strict(path: str | Path, what: str = "JSONL file") -> Iterator[tuple[int, dict]]:
+    """`read_jsonl` for files the toolkit owns (safety prompts, pairs): a bad line is a one-line error naming it."""
+    for number, item in read_jsonl(path, what):
+        if isinstance(item, BadLine):
+            raise ClinalignError(f"{path}:{number}: {item}")
+        yield number, item
+
+
+def to_plain(value: Any) -> Any:
+    """A config value as plain YAML/JSON data (enums to their values, dataclasses to dicts)."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
+    if isinstance(value, dict):
+        return {str(k): to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_plain(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    """Write JSON atomically (temp file + rename), so a killed run never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(to_plain(data), indent=2, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    return path
