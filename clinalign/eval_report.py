@@ -4,7 +4,7 @@ per-item values.
 
 Headline metrics pool every held-out dataset (one interval over all records, not a mean of per-dataset
 means): Wilson for 0/1 outcomes (accuracy, exact match, no answer, over-refusal), BCa bootstrap for
-per-item scores (ROUGE-L, safety score, reward-model score, KL), a resampled-records interval for
+per-item scores (completion NLL, ROUGE-L, safety score, reward-model score, KL), a resampled-records interval for
 corpus BLEU. A comparison pairs the two models on the items both were measured on: McNemar's exact
 test for 0/1 outcomes, a paired permutation test for scores (sentence BLEU for BLEU), and a verdict:
 better / worse when the difference's interval excludes 0 and p < 0.05, else no detectable change.
@@ -16,7 +16,7 @@ from clinalign.policy_eval import interval, pooled
 from clinalign.stats import compare, fmt
 from clinalign.tables import markdown_table
 
-HEADLINE = ["mc_acc", "mc_acc_norm", "gen_acc", "exact_match", "no_answer", "rougeL", "bleu", "safety_score",
+HEADLINE = ["mc_acc", "mc_acc_norm", "nll", "gen_acc", "exact_match", "no_answer", "rougeL", "bleu", "safety_score",
             "over_refusal_rate", "rm_score", "kl_k1", "kl_k3"]  # fmt: skip
 
 

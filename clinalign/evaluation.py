@@ -32,7 +32,7 @@ from trl.trainer.utils import use_adapter
 
 from clinalign.errors import ClinalignError
 from clinalign.models import no_router_logits
-from clinalign.prompts import answer_line
+from clinalign.prompts import answer_line, to_chat_example
 from clinalign.records import Record, normalize_text
 
 EXPLANATION_MARKER = "Explanation:"
@@ -330,6 +330,55 @@ def answer_metrics(records: Sequence[Record], responses: Sequence[str]) -> dict[
         if explained else None,
         "n_explained": len(explained),
     }
+
+
+# ----------------------------------------------------------------------------------------------
+# Completion NLL: the held-out loss SFT minimises, per record
+
+
+def trained_example(model, tokenizer, record: Record, *, reasoning_effort: str = "low") -> tuple[list[int], list[int]]:
+    """(input ids, completion mask) of a record's SFT example, as sft/run.py trains it: harmony's render for
+    GPT-OSS; otherwise the chat template over the prompt and prompt + reply, the reply's tokens marked."""
+    if uses_harmony(model):
+        from harmony.render import render_for_training
+
+        example = render_for_training(record, reasoning_effort=reasoning_effort)
+        return example["input_ids"], example["completion_mask"]
+    example = to_chat_example(record)
+    kwargs = {"tokenize": True, "return_dict": True}
+    prompt = tokenizer.apply_chat_template(example["prompt"], add_generation_prompt=True, **kwargs)["input_ids"]
+    full = tokenizer.apply_chat_template(example["prompt"] + example["completion"], **kwargs)["input_ids"]
+    if full[: len(prompt)] != prompt:
+        raise ClinalignError(f"record {record.id}: the chat template renders the prompt differently inside the reply")
+    return full, [0] * len(prompt) + [1] * (len(full) - len(prompt))
+
+
+@torch.no_grad()
+def completion_nll(
+    model, tokenizer, records: Sequence[Record], *, batch_size: int = 8, reasoning_effort: str = "low"
+) -> list[float]:
+    """Mean negative log-likelihood per reply token of each labelled record's trained reply (answer line,
+    then explanation) given its prompt, in the format SFT trains on; lower is better."""
+    examples = [trained_example(model, tokenizer, r, reasoning_effort=reasoning_effort) for r in records]
+    values: list[float] = [0.0] * len(examples)
+    device = next(model.parameters()).device
+    with _eval_mode(model):
+        for batch in _batches([ids for ids, _ in examples], batch_size):
+            width = max(len(examples[i][0]) for i in batch)
+            ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+            attention, scored = torch.zeros_like(ids), torch.zeros_like(ids, dtype=torch.bool)
+            for row, i in enumerate(batch):  # right padding: positions need no offset
+                tokens, mask = examples[i]
+                ids[row, : len(tokens)] = torch.tensor(tokens)
+                attention[row, : len(tokens)] = 1
+                scored[row, : len(tokens)] = torch.tensor(mask, dtype=torch.bool)
+            logits = model(input_ids=ids.to(device), attention_mask=attention.to(device), **no_router_logits(model)).logits
+            targets, scored = ids[:, 1:].to(device), scored[:, 1:].to(device)  # position t predicts token t + 1
+            # Only the reply's positions reach the (float32) log-softmax over the vocabulary.
+            logp = torch.log_softmax(logits[:, :-1][scored].float(), dim=-1).gather(-1, targets[scored][:, None])
+            for i, row in zip(batch, torch.split(logp.squeeze(-1), scored.sum(-1).tolist()), strict=True):
+                values[i] = -row.mean().item()
+    return values
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,10 +2,11 @@
 
 eval/run.py compares models with it, rl/tune_kl.py scores each KL coefficient with it, and rl/dpo.py
 reports before/after with it. On held-out data only (the hash split of clinalign.records that
-every training stage respects):
+every training stage respects; the split and item keys are clinalign.tasks'):
 
 - per dataset (record.source): multiple-choice accuracy by log-likelihood, lm-evaluation-harness
-  protocol (`mc_acc`, `mc_acc_norm`); accuracy, exact match and no-answer share of greedy answers
+  protocol (`mc_acc`, `mc_acc_norm`); the completion NLL of every labelled record's trained reply in
+  the format SFT trains on (`nll`, per reply token: the held-out loss SFT minimises); accuracy, exact match and no-answer share of greedy answers
   in the toolkit's chat format (`gen_acc`, `exact_match`, `no_answer`); ROUGE-L and BLEU of the
   generated explanations;
 - on the safety prompt set: the mean safety score, each check's pass rate, the over-refusal rate
@@ -23,10 +24,12 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 
+from clinalign import tasks
 from clinalign.evaluation import (
     Generation,
     answer_items,
     answer_metrics,
+    completion_nll,
     corpus_bleu,
     generate,
     kl_to_reference,
@@ -36,7 +39,6 @@ from clinalign.mc_eval import mc_accuracy, score_multiple_choice
 from clinalign.prompts import free_text_messages, prompt_messages
 from clinalign.records import Record
 from clinalign.rewards import score_responses
-from clinalign.safety import check_safety
 from clinalign.stats import bootstrap_mean, bootstrap_statistic, proportion
 from clinalign.tasks import SafetyPrompt
 
@@ -51,9 +53,8 @@ def _safety(prompts: list[SafetyPrompt], responses: list[str]) -> tuple[dict, di
     scores, applied, passed = {}, defaultdict(int), defaultdict(int)
     over_refusals: dict[str, bool] = {}
     for prompt, response in zip(prompts, responses, strict=True):
-        # A benign control forces the over-refusal check; other prompts are judged by their own triggers.
-        result = check_safety(response, prompt=prompt.prompt, benign=True if prompt.benign else None)
-        key = f"safety:{prompt.id}"
+        task = tasks.TASKS["safety"]
+        result, key = task.score(prompt, response), task.key(prompt)
         scores[key] = result.score
         for outcome in result.checks:
             applied[outcome.name] += 1
@@ -103,6 +104,7 @@ def evaluate_policy(
     reference=None,
     kl: bool = True,
     multiple_choice: bool = True,
+    nll: bool = True,
     max_generated_per_dataset: int | None = None,
     max_new_tokens: int = 96,
     kl_max_new_tokens: int = 48,
@@ -144,7 +146,7 @@ def evaluate_policy(
         answered = [i for i in indices if i in question_generations]
         subset = [records[i] for i in answered]
         responses = [question_generations[i].response for i in answered]
-        keys = [f"{records[i].source}:{records[i].id}" for i in answered]
+        keys = [tasks.task_of(records[i]).key(records[i]) for i in answered]
         metrics = answer_metrics(subset, responses)
         metrics = {"gen_acc": metrics.pop("acc"), **metrics}
         per_item = answer_items(subset, responses)
@@ -158,9 +160,16 @@ def evaluate_policy(
             mc = mc_accuracy(predictions)
             metrics.update({"mc_acc": mc["acc"], "mc_acc_norm": mc["acc_norm"], "n_mc": mc["n"]})
             metrics["letters"] = letter_bias(predictions)
-            labeled = [(f"{r.source}:{r.id}", p) for r, p in zip(everything, predictions) if p.gold is not None]
+            labeled = [(tasks.task_of(r).key(r), p) for r, p in zip(everything, predictions) if p.gold is not None]
             items[source]["mc_acc"] = {k: p.correct for k, p in labeled}
             items[source]["mc_acc_norm"] = {k: p.correct_norm for k, p in labeled}
+        if nll:
+            answered_records = [records[i] for i in indices if records[i].answer is not None]
+            values = completion_nll(
+                model, tokenizer, answered_records, batch_size=batch_size, reasoning_effort=reasoning_effort
+            )
+            items[source]["nll"] = {tasks.task_of(r).key(r): v for r, v in zip(answered_records, values)}
+            metrics["nll"] = sum(values) / len(values) if values else None
         results[source] = metrics
         # BLEU is a corpus statistic: its interval resamples records, not sentence scores.
         explained = [j for j, ref in enumerate(per_item["reference"]) if ref is not None]
@@ -175,7 +184,7 @@ def evaluate_policy(
             results["safety"]["final_missing"] = final_missing_share(safety_generations)
 
     overall: dict = {"bleu": bleu_interval(all_hyps, all_refs)}  # every dataset's explanations as one corpus
-    question_keys = [f"{records[i].source}:{records[i].id}" for i in generated]
+    question_keys = [tasks.task_of(records[i]).key(records[i]) for i in generated]
     if reward is not None:
         rm_model, rm_tokenizer = reward
         all_messages = question_messages + safety_messages
@@ -185,8 +194,8 @@ def evaluate_policy(
             batch_size=batch_size, reasoning_effort=reasoning_effort,
         )  # fmt: skip
         overall["rm_score"] = sum(scores) / len(scores) if scores else None
-        items["overall"]["rm_score"] = dict(zip(question_keys + [f"safety:{p.id}" for p in safety_prompts], scores))
-    kl_keys = (question_keys[: kl_max_prompts // 2] + [f"safety:{p.id}" for p in safety_prompts])[:kl_max_prompts]
+        items["overall"]["rm_score"] = dict(zip(question_keys + [tasks.TASKS["safety"].key(p) for p in safety_prompts], scores))
+    kl_keys = (question_keys[: kl_max_prompts // 2] + [tasks.TASKS["safety"].key(p) for p in safety_prompts])[:kl_max_prompts]
     kl_prompts = (question_messages[: kl_max_prompts // 2] + safety_messages)[:kl_max_prompts]
     if kl and kl_prompts and (reference is not None or hasattr(model, "disable_adapter")):
         measured = kl_to_reference(

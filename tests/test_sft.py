@@ -264,3 +264,27 @@ def test_the_chat_layout_scores_the_answer_in_the_format_sft_trains_on():
             assert loglikelihood == pytest.approx(by_hand, abs=1e-4)
     (lm_eval,) = score_multiple_choice(model, tokenizer, [record], progress=False)
     assert lm_eval.choices == prediction.choices and lm_eval.loglikelihoods != pytest.approx(prediction.loglikelihoods)
+
+
+def test_completion_nll_is_the_loss_sft_minimises_per_record(tmp_path):
+    # eval's `nll`: each held-out record's SFT loss; with one example per evaluation it must equal
+    # TRL's eval_loss on that example, and batching (right padding) must not change it.
+    from trl import SFTConfig
+
+    from clinalign.data import load_records
+    from clinalign.evaluation import completion_nll
+    from clinalign.sft import PlainLossSFTTrainer, stage_examples
+
+    records = [r for f in ("pubmedqa_ori_pqal.json", "medqa_us_test.jsonl")
+               for r in load_records(str(REPO / "clinalign/sample_data" / f)).records[:2]]  # fmt: skip
+    tokenizer = models.load_tokenizer("tiny-llama")
+    model = models.load_causal_lm("tiny-llama", dtype=torch.float32)
+    models.ensure_pad_token(tokenizer, model)
+    nll = completion_nll(model, tokenizer, records, batch_size=4)
+    assert nll == pytest.approx(completion_nll(model, tokenizer, records, batch_size=1), abs=1e-5)
+    args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", max_length=4096,
+                     per_device_eval_batch_size=1)  # fmt: skip
+    for record, value in zip(records, nll, strict=True):
+        trainer = PlainLossSFTTrainer(model=model, args=args, train_dataset=stage_examples([record], "chat"),
+                                      eval_dataset=stage_examples([record], "chat"), processing_class=tokenizer)  # fmt: skip
+        assert trainer.evaluate()["eval_loss"] == pytest.approx(value, abs=1e-4)
