@@ -24,7 +24,7 @@ export PYTHONUNBUFFERED ?= 1
 RUN    := runs/demo
 LAUNCH := $(BIN)/accelerate launch --config_file configs/accelerate/cpu.yaml
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test bench efficacy venv clean
 
 venv: $(STAMP)
 
@@ -58,6 +58,10 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/sft_throughput.py
 	$(BIN)/python benchmarks/convert_throughput.py
 	$(BIN)/python benchmarks/eval_throughput.py
+
+# SFT on real published records, base vs every stage on their test side (needs ../shared/data/real; ~30 min).
+efficacy: $(STAMP)
+	$(BIN)/python benchmarks/efficacy.py --data ../shared/data/real --out runs/efficacy
 
 clean:
 	rm -rf $(RUN)

@@ -48,6 +48,10 @@ class EvalArgs:
     data: list[str] = dataclasses.field(
         default_factory=list, metadata={"help": "Question files or hub ids (any converter input); their held-out part."}
     )
+    test_data: list[str] = dataclasses.field(
+        default_factory=list,
+        metadata={"help": "Published test splits (files or hub ids), evaluated whole: no stage may train on them."},
+    )
     eval_fraction: float = eval_fraction_field()
     max_records_per_dataset: int | None = dataclasses.field(
         default=None, metadata={"help": "At most this many held-out questions per dataset (null: all)."}
@@ -138,6 +142,11 @@ def main(args: EvalArgs):
     compared_with = baselines(specs)
     records = [r for source in args.data for r in load_records(source).records if r.answer is not None]
     held_out = tasks.split(records, args.eval_fraction)[1]
+    held_out += [r for source in args.test_data for r in load_records(source).records if r.answer is not None]
+    keys = [tasks.task_of(r).key(r) for r in held_out]
+    repeated = next((k for k in keys if keys.count(k) > 1), None) if len(set(keys)) < len(keys) else None
+    if repeated:
+        raise ConfigError(f"record {repeated} is evaluated twice (data's held-out part and test_data, or one file twice)")
     if args.max_records_per_dataset is not None:
         per_source: dict[str, list] = {}
         for record in held_out:

@@ -127,3 +127,19 @@ def test_headline_metrics_reach_tensorboard(tmp_path, tiny_sft_adapter):
     acc = results["sft"]["headline"]["mc_acc"]
     assert events.Scalars("eval/sft/mc_acc/value")[-1].value == pytest.approx(acc["value"])
     assert events.Scalars("eval/sft/mc_acc/low")[-1].value == pytest.approx(acc["low"])
+
+
+def test_test_data_is_evaluated_whole_and_never_twice(tmp_path, tiny_sft_adapter):
+    from clinalign.data import load_records
+
+    config = write_config(tmp_path, tiny_sft_adapter, max_generated_per_dataset=1, safety_prompts=None,
+                          reference=None, max_records_per_dataset=None, data=[], test_data=[str(REPO / "clinalign/sample_data/medqa_us_test.jsonl")])
+    results = run_eval(config)
+    labelled = [r for r in load_records(str(REPO / "clinalign/sample_data/medqa_us_test.jsonl")).records if r.answer]
+    assert results["sft"]["medqa"]["n_mc"] == len(labelled)  # every record, not a held-out share
+    assert len(results["sft"]["items"]["medqa"]["nll"]) == len(labelled)
+    assert "nll" in results["sft"]["comparison"]["metrics"]
+    twice = write_config(tmp_path, tiny_sft_adapter, safety_prompts=None, reference=None,
+                         data=[], test_data=[str(REPO / "clinalign/sample_data/medqa_us_test.jsonl")] * 2)
+    with pytest.raises(ConfigError, match="is evaluated twice"):
+        run_eval(twice)

@@ -129,3 +129,12 @@ def test_format_and_overlap():
     assert fmt(0.5, None, None, 1) == "0.50 n=1"
     assert intervals_overlap({"value": 0.5, "low": 0.4, "high": 0.6}, {"value": 0.65, "low": 0.55, "high": 0.7})
     assert not intervals_overlap(wilson(10, 10), wilson(0, 10))
+
+
+def test_a_single_pair_has_permutation_p_one():
+    # Exact: the only two sign assignments give +d and -d, both |d|: p = 2/2. (DPO's tiny eval has one record.)
+    from clinalign.stats import compare, paired_permutation_p
+
+    assert paired_permutation_p([1.2], [0.7]) == 1.0
+    c = compare("nll", {"q": 1.2}, {"q": 0.7})
+    assert c.n == 1 and c.p == 1.0 and c.verdict == "no detectable change"
