@@ -106,7 +106,7 @@ def score_only_labelled_positions() -> None:
 
     On CUDA/XPU TRL projects only the completion positions onto the vocabulary; elsewhere it projects
     every position (fixed tile shapes, for Neuron's compiler) and masks the prompt's afterwards. A CPU
-    compiles nothing, and most of a DPO batch is prompt, projected for nothing (README, "Speed").
+    compiles nothing, and most of a DPO batch is prompt, projected for nothing (README, "Benchmarks").
     The values are the same either way (masked positions are zero in both); tests compare them.
     """
     require("score_only_labelled_positions")

@@ -25,7 +25,7 @@ from typing import TypeVar
 from clinalign.errors import ClinalignError, ConfigError
 from clinalign.factuality import FactualityScore, score_factuality
 from clinalign.json_io import read_jsonl_strict
-from clinalign.prompts import answer_completion, free_text_messages, prompt_messages
+from clinalign.prompts import free_text_messages, prompt_messages
 from clinalign.records import EVAL_FRACTION, Record, is_held_out
 from clinalign.safety import SafetyChecks, SafetyResult, check_safety
 
@@ -91,10 +91,6 @@ class QuestionTask:
 
     def gold(self, record: Record) -> str | None:
         return record.answer
-
-    def completion(self, record: Record, explanation: str | None = None) -> str:
-        """The trained reply (SFT, the chosen side of factuality pairs): the answer, then the explanation."""
-        return answer_completion(record, explanation=explanation)
 
     def score(self, record: Record, response: str) -> FactualityScore:
         return score_factuality(record, response)

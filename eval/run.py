@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+from collections import Counter
 from pathlib import Path
 
 from clinalign import tasks
@@ -143,8 +144,7 @@ def main(args: EvalArgs):
     records = [r for source in args.data for r in load_records(source).records if r.answer is not None]
     held_out = tasks.split(records, args.eval_fraction)[1]
     held_out += [r for source in args.test_data for r in load_records(source).records if r.answer is not None]
-    keys = [tasks.task_of(r).key(r) for r in held_out]
-    repeated = next((k for k in keys if keys.count(k) > 1), None) if len(set(keys)) < len(keys) else None
+    repeated = next((k for k, n in Counter(tasks.task_of(r).key(r) for r in held_out).items() if n > 1), None)
     if repeated:
         raise ConfigError(f"record {repeated} is evaluated twice (data's held-out part and test_data, or one file twice)")
     if args.max_records_per_dataset is not None:

@@ -16,6 +16,7 @@ from conftest import REPO
 
 from clinalign import tasks
 from clinalign.data import load_records, sample_path
+from clinalign.prompts import answer_completion
 from clinalign.records import EVAL_FRACTION
 from clinalign.tasks import load_safety_prompts
 
@@ -105,7 +106,7 @@ def test_each_task_renders_judges_and_scores_its_items():
         assert task.name == family and task.gold(record) == record.answer
         messages = task.messages(record)
         assert messages[0]["role"] == "system" and messages[-1]["role"] == "user"
-        assert task.score(record, task.completion(record)).correct is True
+        assert task.score(record, answer_completion(record)).correct is True
     wrong = next(r for r in records.values() if r.choices)
     other = next(letter for letter in wrong.choices if letter != wrong.answer)
     assert tasks.task_of(wrong).score(wrong, f"The answer is {other}. {wrong.choices[other]}.").correct is False
