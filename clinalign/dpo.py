@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 from datasets import Dataset
+from transformers import set_seed
 from trl import DPOConfig, DPOTrainer
 
 from clinalign.compat import score_only_labelled_positions
@@ -96,6 +97,7 @@ def build_dpo_trainer(dpo_args: DPOArgs, training_args: DPOConfig, model_args, t
     # With the SFT adapter, TRL trains it and keeps a frozen copy as the "ref" adapter (the reference);
     # without one, a fresh LoRA whose copy (B = 0) is the base model.
     score_only_labelled_positions()
+    set_seed(training_args.seed)  # a fresh LoRA is initialised here, before the Trainer would seed
     policy = load_trainable_policy(model_args, dpo_args.sft_adapter, training_args.gradient_checkpointing)
     tokenizer = load_tokenizer(dpo_args.sft_adapter or model_args.model_name_or_path)
     ensure_pad_token(tokenizer, policy)

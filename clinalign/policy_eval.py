@@ -165,9 +165,9 @@ def evaluate_policy(
             items[source]["mc_acc_norm"] = {k: p.correct_norm for k, p in labeled}
         if nll:
             answered_records = [records[i] for i in indices if records[i].answer is not None]
-            values = completion_nll(
-                model, tokenizer, answered_records, batch_size=batch_size, reasoning_effort=reasoning_effort
-            )
+            # Batches of 8, like multiple-choice scoring, not generation's width: long examples (PubMedQA
+            # abstracts) run faster in narrow batches on a CPU (README, Benchmarks).
+            values = completion_nll(model, tokenizer, answered_records, batch_size=8, reasoning_effort=reasoning_effort)
             items[source]["nll"] = {tasks.task_of(r).key(r): v for r, v in zip(answered_records, values)}
             metrics["nll"] = sum(values) / len(values) if values else None
         results[source] = metrics

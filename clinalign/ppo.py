@@ -17,6 +17,7 @@ import dataclasses
 import json
 
 from datasets import Dataset
+from transformers import set_seed
 from trl import RLOOConfig, RLOOTrainer
 
 from clinalign import tasks
@@ -105,6 +106,7 @@ def build_ppo_trainer(ppo_args: PPOArgs, training_args: RLOOConfig, model_args, 
                                           **(training_args.chat_template_kwargs or {})}
 
     # With the SFT adapter, RLOO trains it and keeps a frozen copy as the "ref" adapter (the reference).
+    set_seed(training_args.seed)  # a fresh LoRA is initialised here, before the Trainer would seed
     policy = load_trainable_policy(model_args, ppo_args.sft_adapter, training_args.gradient_checkpointing)
     tokenizer = load_tokenizer(ppo_args.sft_adapter or model_args.model_name_or_path)
     ensure_pad_token(tokenizer, policy)

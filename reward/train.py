@@ -20,6 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from datasets import Dataset
+from transformers import set_seed
 from trl import RewardConfig, get_peft_config
 
 from clinalign.adapters import write_adapter_provenance
@@ -99,6 +100,9 @@ def main(script_args: RewardScriptArgs, training_args: RewardConfig, model_args:
     train_dataset = reward_dataset(train_rows, script_args.reasoning_effort)
 
     load = model_init_kwargs(model_args)  # dtype and 4-bit settings, as every training stage loads its base
+    # Seed before the score head and the LoRA exist: both are initialised before the Trainer seeds,
+    # so two identical runs trained different reward models (held-out factuality 20/40 vs 19/40).
+    set_seed(training_args.seed)
     quantization = load.get("quantization_config")
     model = reward_backbone(
         model_args.model_name_or_path, script_args.sft_adapter, dtype=load["dtype"], quantization_config=quantization

@@ -7,9 +7,10 @@
 For each beta of the grid (default 0.01, 0.03, 0.1, 0.3, 1.0) it trains the method of `base_config`
 (DPO, or PPO-clip through RLOO: the same training paths as rl/dpo.py and rl/ppo.py) from the SFT
 policy for as many steps as the final run would (the base config's max_steps unless `max_steps` is
-set), saves the adapter, then measures it on the whole held-out set with clinalign.policy_eval, each
-metric with its 95% interval: preference accuracy (DPO), multiple-choice accuracy, safety score,
-reward-model score and KL(policy || SFT reference) per sequence. It picks a beta by CHOICE_RULE (the
+set), saves the adapter, then measures it on the whole held-out set with clinalign.policy_eval
+(`max_new_tokens` and the `kl_*` settings: give them eval/run.py's values), each metric with its 95%
+interval: preference accuracy (DPO), multiple-choice accuracy, safety score, reward-model score and
+KL(policy || SFT reference) per sequence. It picks a beta by CHOICE_RULE (the
 best objective within `kl_budget`; among betas whose intervals overlap the best one's, the largest:
 a tie, and the report says so) and writes frontier.md / frontier.json (the rule, the table, whether it
 was a tie), frontier.png (KL vs objective with intervals), chosen/ (the chosen run's adapter: the
@@ -80,6 +81,12 @@ class TuneKLArgs:
     eval_max_pairs: int | None = dataclasses.field(
         default=None, metadata={"help": "DPO: at most this many held-out pairs for preference accuracy (null: all)."}
     )
+    # How each point is measured; set them as eval/run.py will measure the chosen model, so the pick
+    # and the final report read the same quantities.
+    max_new_tokens: int = dataclasses.field(default=96, metadata={"help": "Greedy tokens per generated answer."})
+    kl_max_new_tokens: int = dataclasses.field(default=48, metadata={"help": "Sampled tokens per KL response."})
+    kl_max_prompts: int = dataclasses.field(default=16, metadata={"help": "Prompts used for the KL estimate."})
+    kl_num_samples: int = dataclasses.field(default=1, metadata={"help": "Sampled responses per KL prompt."})
     output_dir: str = dataclasses.field(
         default="runs/demo/tune_kl", metadata={"help": "Where the runs and the frontier go."}
     )
@@ -170,6 +177,10 @@ def main(args: TuneKLArgs):
     records = tasks.split([r for s in record_sources for r in load_records(s).records], eval_fraction)[1]
     held_out = {
         "reasoning_effort": method_args.reasoning_effort,
+        "max_new_tokens": args.max_new_tokens,
+        "kl_max_new_tokens": args.kl_max_new_tokens,
+        "kl_max_prompts": args.kl_max_prompts,
+        "kl_num_samples": args.kl_num_samples,
         "batch_size": base[1].per_device_eval_batch_size,  # generation batches: wide ones are ~2x faster on a CPU
         "records": [r for r in records if r.answer is not None][: args.eval_max_records],
         "safety_prompts": (

@@ -153,3 +153,19 @@ def test_pair_accuracy_per_axis_reaches_tensorboard(tiny_pairs, tiny_heldout_pai
     for axis in metrics["eval"]:
         assert values[f"eval/reward/pair_accuracy/{axis}/accuracy"] == pytest.approx(metrics["eval"][axis]["accuracy"])
         assert values[f"eval/reward/pair_accuracy/{axis}/n"] == metrics["eval"][axis]["n"]
+
+
+def test_two_identical_runs_train_the_same_reward_model(tiny_pairs, tmp_path):
+    # The score head and the LoRA are initialised before the Trainer seeds; whatever the process did
+    # before (here: a different global RNG state), the same config must give the same weights.
+    entry = runpy.run_path(str(REPO / "reward" / "train.py"), run_name="rm_seeded")
+    weights = []
+    for run, disturb in enumerate((1, 2)):
+        torch.manual_seed(disturb)
+        out = tmp_path / str(run)
+        args = ["--config", str(REPO / "configs/reward/tiny.yaml"), "--pairs", str(tiny_pairs),
+                "--output_dir", str(out), "--max_steps", "1"]  # fmt: skip
+        entry["main"](*entry["make_parser"]().parse(args))
+        weights.append(load_file(str(out / "adapter_model.safetensors")))
+    assert weights[0].keys() == weights[1].keys() and any("score" in k for k in weights[0])
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -159,6 +159,50 @@ def test_fused_head_scores_only_labelled_positions_with_the_same_values(tiny_lla
     torch.testing.assert_close(compact.loss, full.loss)
 
 
+def test_a_fresh_dpo_lora_starts_from_the_seeded_init(tmp_path, tiny_pairs, tiny_sft_adapter):
+    # Without an SFT adapter DPO creates a LoRA before the Trainer seeds: it must still follow `seed`.
+    from trl import DPOConfig
+
+    from clinalign.config import ModelArgs, Parser
+    from clinalign.dpo import DPOArgs, build_dpo_trainer
+    from clinalign.preferences import read_pairs, split_pairs
+
+    dpo_args_, training_args, model_args = Parser([DPOArgs, DPOConfig, ModelArgs]).parse(
+        dpo_args(tmp_path, tiny_pairs, tiny_sft_adapter)
+    )
+    dpo_args_.sft_adapter = None
+    train_rows, eval_rows = split_pairs(read_pairs(dpo_args_.pairs), 0.2)
+    inits = []
+    for disturb in (1, 2):
+        torch.manual_seed(disturb)
+        trainer = build_dpo_trainer(dpo_args_, training_args, model_args, train_rows, eval_rows)
+        inits.append({k: v.detach().clone() for k, v in trainer.model.named_parameters() if "lora_A" in k})
+    assert inits[0] and inits[0].keys() == inits[1].keys()
+    assert all(torch.equal(inits[0][k], inits[1][k]) for k in inits[0])
+
+
+def test_a_fresh_ppo_lora_starts_from_the_seeded_init(tmp_path):
+    from trl import RLOOConfig
+
+    from clinalign.config import ModelArgs, Parser
+    from clinalign.data import load_records
+    from clinalign.ppo import PPOArgs, build_ppo_trainer, rl_prompts
+
+    ppo_args, training_args, model_args = Parser([PPOArgs, RLOOConfig, ModelArgs]).parse(
+        ["--config", str(REPO / "configs/rl/tiny_ppo.yaml"), "--output_dir", str(tmp_path)]
+    )
+    ppo_args.sft_adapter, ppo_args.reward_model = None, None
+    records = load_records(str(REPO / "clinalign/sample_data/medqa_us_test.jsonl")).records
+    prompts = rl_prompts(records, [], ppo_args.eval_fraction, ppo_args.max_prompts)
+    inits = []
+    for disturb in (1, 2):
+        torch.manual_seed(disturb)
+        trainer, _ = build_ppo_trainer(ppo_args, training_args, model_args, prompts)
+        inits.append({k: v.detach().clone() for k, v in trainer.model.named_parameters() if "lora_A" in k})
+    assert inits[0] and inits[0].keys() == inits[1].keys()
+    assert all(torch.equal(inits[0][k], inits[1][k]) for k in inits[0])
+
+
 def test_dpo_moves_the_policy_and_keeps_the_sft_reference_frozen(tmp_path, tiny_pairs, tiny_sft_adapter):
     from trl import DPOConfig
 
@@ -335,7 +379,8 @@ def test_tune_kl_over_three_betas(tmp_path, tiny_pairs, tiny_sft_adapter):
     base_config.write_text(yaml.safe_dump(base))
     out = tmp_path / "grid"
     result = run_main("rl/tune_kl.py", "--config", str(REPO / "configs/rl/tiny_tune_kl.yaml"),
-                      "--base_config", str(base_config), "--output_dir", str(out), "--eval_max_records", "2")
+                      "--base_config", str(base_config), "--output_dir", str(out), "--eval_max_records", "2",
+                      "--kl_max_prompts", "3")
     assert [r["beta"] for r in result["rows"]] == [0.03, 0.3, 1.0]
     table = [line for line in (out / "frontier.md").read_text().splitlines() if line.startswith("|")]
     assert len(table) == 2 + 3 and sum(line.endswith("| yes |") for line in table) == 1
@@ -345,7 +390,8 @@ def test_tune_kl_over_three_betas(tmp_path, tiny_pairs, tiny_sft_adapter):
     # Every beta trained as long as the base config says (no shortened grid runs), measured with intervals.
     assert all(r["steps"] == base["max_steps"] for r in result["rows"])
     for r in result["rows"]:
-        assert r["intervals"]["kl_k3"]["n"] >= 1 and r["intervals"]["safety_score"]["n"] >= 1
+        # Measured as configured: KL on 3 prompts (1 question, 2 safety prompts), not a default count.
+        assert r["intervals"]["kl_k3"]["n"] == 3 and r["intervals"]["safety_score"]["n"] >= 1
     # Each beta's measurements reached its run's tracker, interval bounds included.
     first = result["rows"][0]
     scalars = tensorboard_scalars(Path(first["adapter"]))
