@@ -22,6 +22,7 @@ no answer: raise max_new_tokens or lower the reasoning effort when it is high).
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter, defaultdict
 
 from clinalign import tasks
@@ -41,6 +42,20 @@ from clinalign.records import Record
 from clinalign.rewards import score_responses
 from clinalign.stats import bootstrap_mean, bootstrap_statistic, proportion
 from clinalign.tasks import SafetyPrompt
+
+
+@dataclasses.dataclass
+class MeasureArgs:
+    """How `evaluate_policy` generates: declared once for eval/run.py and rl/tune_kl.py, so the beta a
+    grid picks is measured the way the final report measures it."""
+
+    max_new_tokens: int = dataclasses.field(default=96, metadata={"help": "Greedy tokens per generated answer."})
+    kl_max_new_tokens: int = dataclasses.field(default=48, metadata={"help": "Sampled tokens per KL response."})
+    kl_max_prompts: int = dataclasses.field(default=16, metadata={"help": "Prompts used for the KL estimate."})
+    kl_num_samples: int = dataclasses.field(default=1, metadata={"help": "Sampled responses per KL prompt."})
+
+    def measure_kwargs(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(MeasureArgs)}
 
 
 def safety_metrics(prompts: list[SafetyPrompt], responses: list[str]) -> dict:

@@ -34,7 +34,7 @@ from clinalign.json_io import write_json
 from clinalign.model_store import is_adapter_folder
 from clinalign.models import load_policy, resolve_model
 from clinalign.plots import metric_bars
-from clinalign.policy_eval import evaluate_policy
+from clinalign.policy_eval import MeasureArgs, evaluate_policy
 from clinalign.rewards import load_reward_model
 from clinalign.tasks import load_safety_prompts
 
@@ -42,7 +42,7 @@ CHARTS = ["mc_acc", "gen_acc", "safety_score", "rm_score", "kl_k3"]
 
 
 @dataclasses.dataclass
-class EvalArgs:
+class EvalArgs(MeasureArgs):
     models: list[dict] = dataclasses.field(
         default_factory=list, metadata={"help": "Models to compare: each {name, base, [adapter]}."}
     )
@@ -73,10 +73,6 @@ class EvalArgs:
     dtype: str = dataclasses.field(
         default="auto", metadata={"help": "auto, bfloat16 or float32 (float32 for lm-eval parity)."}
     )
-    max_new_tokens: int = dataclasses.field(default=96, metadata={"help": "Greedy tokens per generated answer."})
-    kl_max_new_tokens: int = dataclasses.field(default=48, metadata={"help": "Sampled tokens per KL response."})
-    kl_max_prompts: int = dataclasses.field(default=16, metadata={"help": "Prompts used for the KL estimate."})
-    kl_num_samples: int = dataclasses.field(default=1, metadata={"help": "Sampled responses per KL prompt."})
     batch_size: int = dataclasses.field(default=8, metadata={"help": "Prompts per generation / scoring batch."})
     reasoning_effort: str = dataclasses.field(
         default="low",
@@ -174,10 +170,7 @@ def main(args: EvalArgs):
             reference=reference,
             kl=reference is not None,
             max_generated_per_dataset=args.max_generated_per_dataset,
-            max_new_tokens=args.max_new_tokens,
-            kl_max_new_tokens=args.kl_max_new_tokens,
-            kl_max_prompts=args.kl_max_prompts,
-            kl_num_samples=args.kl_num_samples,
+            **args.measure_kwargs(),
             batch_size=args.batch_size,
             reasoning_effort=args.reasoning_effort,
             progress=True,

@@ -101,7 +101,7 @@ def main(script_args: RewardScriptArgs, training_args: RewardConfig, model_args:
 
     load = model_init_kwargs(model_args)  # dtype and 4-bit settings, as every training stage loads its base
     # Seed before the score head and the LoRA exist: both are initialised before the Trainer seeds,
-    # so two identical runs trained different reward models (held-out factuality 20/40 vs 19/40).
+    # so two identical runs used to train different reward models.
     set_seed(training_args.seed)
     quantization = load.get("quantization_config")
     model = reward_backbone(

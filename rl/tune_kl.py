@@ -37,7 +37,7 @@ from clinalign.errors import ClinalignError
 from clinalign.eval_report import headline
 from clinalign.json_io import write_json
 from clinalign.plots import kl_frontier
-from clinalign.policy_eval import evaluate_policy
+from clinalign.policy_eval import MeasureArgs, evaluate_policy
 from clinalign.ppo import PPOArgs, build_ppo_trainer, rl_prompts
 from clinalign.rewards import load_reward_model
 from clinalign.run_dir import remove_inside
@@ -50,7 +50,7 @@ OBJECTIVES = ("rm_score", "safety_score", "mc_acc", "gen_acc", "preference_accur
 
 
 @dataclasses.dataclass
-class TuneKLArgs:
+class TuneKLArgs(MeasureArgs):  # measured as eval/run.py measures
     method: str = dataclasses.field(default="dpo", metadata={"help": "Which coefficient.", "choices": ["dpo", "ppo"]})
     base_config: str = dataclasses.field(
         default="configs/rl/smollm2_dpo.yaml",
@@ -81,12 +81,6 @@ class TuneKLArgs:
     eval_max_pairs: int | None = dataclasses.field(
         default=None, metadata={"help": "DPO: at most this many held-out pairs for preference accuracy (null: all)."}
     )
-    # How each point is measured; set them as eval/run.py will measure the chosen model, so the pick
-    # and the final report read the same quantities.
-    max_new_tokens: int = dataclasses.field(default=96, metadata={"help": "Greedy tokens per generated answer."})
-    kl_max_new_tokens: int = dataclasses.field(default=48, metadata={"help": "Sampled tokens per KL response."})
-    kl_max_prompts: int = dataclasses.field(default=16, metadata={"help": "Prompts used for the KL estimate."})
-    kl_num_samples: int = dataclasses.field(default=1, metadata={"help": "Sampled responses per KL prompt."})
     output_dir: str = dataclasses.field(
         default="runs/demo/tune_kl", metadata={"help": "Where the runs and the frontier go."}
     )
@@ -177,10 +171,7 @@ def main(args: TuneKLArgs):
     records = tasks.split([r for s in record_sources for r in load_records(s).records], eval_fraction)[1]
     held_out = {
         "reasoning_effort": method_args.reasoning_effort,
-        "max_new_tokens": args.max_new_tokens,
-        "kl_max_new_tokens": args.kl_max_new_tokens,
-        "kl_max_prompts": args.kl_max_prompts,
-        "kl_num_samples": args.kl_num_samples,
+        **args.measure_kwargs(),
         "batch_size": base[1].per_device_eval_batch_size,  # generation batches: wide ones are ~2x faster on a CPU
         "records": [r for r in records if r.answer is not None][: args.eval_max_records],
         "safety_prompts": (
