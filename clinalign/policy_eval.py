@@ -49,6 +49,10 @@ class MeasureArgs:
     """How `evaluate_policy` generates: declared once for eval/run.py and rl/tune_kl.py, so the beta a
     grid picks is measured the way the final report measures it."""
 
+    max_generated_per_dataset: int | None = dataclasses.field(
+        default=None,
+        metadata={"help": "Held-out questions answered by generation per dataset (null: all); multiple choice scores all."},
+    )
     max_new_tokens: int = dataclasses.field(default=96, metadata={"help": "Greedy tokens per generated answer."})
     kl_max_new_tokens: int = dataclasses.field(default=48, metadata={"help": "Sampled tokens per KL response."})
     kl_max_prompts: int = dataclasses.field(default=16, metadata={"help": "Prompts used for the KL estimate."})

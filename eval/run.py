@@ -57,12 +57,6 @@ class EvalArgs(MeasureArgs):
     max_records_per_dataset: int | None = dataclasses.field(
         default=None, metadata={"help": "At most this many held-out questions per dataset (null: all)."}
     )
-    max_generated_per_dataset: int | None = dataclasses.field(
-        default=None,
-        metadata={
-            "help": "Of those, at most this many answered by generation (null: all); multiple choice scores all."
-        },
-    )
     safety_prompts: str | None = dataclasses.field(
         default="clinalign/sample_data/safety_prompts.jsonl", metadata={"help": "Safety prompt set; null: skip."}
     )
@@ -169,7 +163,6 @@ def main(args: EvalArgs):
             reward=reward,
             reference=reference,
             kl=reference is not None,
-            max_generated_per_dataset=args.max_generated_per_dataset,
             **args.measure_kwargs(),
             batch_size=args.batch_size,
             reasoning_effort=args.reasoning_effort,

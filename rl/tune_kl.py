@@ -8,7 +8,8 @@ For each beta of the grid (default 0.01, 0.03, 0.1, 0.3, 1.0) it trains the meth
 (DPO, or PPO-clip through RLOO: the same training paths as rl/dpo.py and rl/ppo.py) from the SFT
 policy for as many steps as the final run would (the base config's max_steps unless `max_steps` is
 set), saves the adapter, then measures it on the whole held-out set with clinalign.policy_eval
-(`max_new_tokens` and the `kl_*` settings: give them eval/run.py's values), each metric with its 95%
+(`max_generated_per_dataset`, `max_new_tokens` and the `kl_*` settings: give them eval/run.py's
+values, so a beta is picked on the numbers the final report gives its model), each metric with its 95%
 interval: preference accuracy (DPO), multiple-choice accuracy, safety score, reward-model score and
 KL(policy || SFT reference) per sequence. It picks a beta by CHOICE_RULE (the
 best objective within `kl_budget`; among betas whose intervals overlap the best one's, the largest:

@@ -380,7 +380,7 @@ def test_tune_kl_over_three_betas(tmp_path, tiny_pairs, tiny_sft_adapter):
     out = tmp_path / "grid"
     result = run_main("rl/tune_kl.py", "--config", str(REPO / "configs/rl/tiny_tune_kl.yaml"),
                       "--base_config", str(base_config), "--output_dir", str(out), "--eval_max_records", "2",
-                      "--kl_max_prompts", "3")
+                      "--kl_max_prompts", "3", "--max_generated_per_dataset", "1")
     assert [r["beta"] for r in result["rows"]] == [0.03, 0.3, 1.0]
     table = [line for line in (out / "frontier.md").read_text().splitlines() if line.startswith("|")]
     assert len(table) == 2 + 3 and sum(line.endswith("| yes |") for line in table) == 1
@@ -392,6 +392,8 @@ def test_tune_kl_over_three_betas(tmp_path, tiny_pairs, tiny_sft_adapter):
     for r in result["rows"]:
         # Measured as configured: KL on 3 prompts (1 question, 2 safety prompts), not a default count.
         assert r["intervals"]["kl_k3"]["n"] == 3 and r["intervals"]["safety_score"]["n"] >= 1
+        # Generated answers capped as eval caps them (1 of the 2 questions); multiple choice scores both.
+        assert r["intervals"]["gen_acc"]["n"] == 1 and r["intervals"]["mc_acc"]["n"] == 2
     # Each beta's measurements reached its run's tracker, interval bounds included.
     first = result["rows"][0]
     scalars = tensorboard_scalars(Path(first["adapter"]))
