@@ -58,6 +58,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/sft_throughput.py
 	$(BIN)/python benchmarks/convert_throughput.py
 	$(BIN)/python benchmarks/eval_throughput.py
+	$(BIN)/python benchmarks/reward_scoring.py
 
 # SFT on real published records, base vs every stage on their test side (needs ../shared/data/real; ~30 min).
 efficacy: $(STAMP)

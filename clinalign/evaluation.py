@@ -34,6 +34,7 @@ from clinalign.errors import ClinalignError
 from clinalign.models import no_router_logits
 from clinalign.prompts import answer_line, to_chat_example
 from clinalign.records import Record, normalize_text
+from clinalign.sampling import length_sorted_batches
 
 EXPLANATION_MARKER = "Explanation:"
 
@@ -77,14 +78,6 @@ def _left_padded(tokenizer, ids_list: list[list[int]], device) -> dict[str, torc
         raise ClinalignError("the tokenizer has no pad token: load it with clinalign.models.load_tokenizer")
     enc = tokenizer.pad({"input_ids": ids_list}, padding=True, padding_side="left", return_tensors="pt")
     return {k: v.to(device) for k, v in enc.items()}
-
-
-def _batches(ids_list: list[list[int]], batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches of similar prompt length (little padding); order restored by the caller."""
-    if batch_size < 1:
-        raise ClinalignError(f"batch_size must be at least 1, got {batch_size}")
-    order = sorted(range(len(ids_list)), key=lambda i: -len(ids_list[i]))
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 @contextlib.contextmanager
@@ -173,7 +166,7 @@ def decode(
     )
     answers: list[list[Generation]] = [[] for _ in prompts]
     with _eval_mode(model):
-        for batch in tqdm(_batches(list(prompts), batch_size), desc="generating", unit="batch", disable=not progress):
+        for batch in tqdm(length_sorted_batches(list(prompts), batch_size), desc="generating", unit="batch", disable=not progress):
             enc = _left_padded(tokenizer, [prompts[i] for i in batch], device)
             out = model.generate(
                 **enc,
@@ -363,7 +356,7 @@ def completion_nll(
     values: list[float] = [0.0] * len(examples)
     device = next(model.parameters()).device
     with _eval_mode(model):
-        for batch in _batches([ids for ids, _ in examples], batch_size):
+        for batch in length_sorted_batches([ids for ids, _ in examples], batch_size):
             width = max(len(examples[i][0]) for i in batch)
             ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
             attention, scored = torch.zeros_like(ids), torch.zeros_like(ids, dtype=torch.bool)
@@ -470,7 +463,7 @@ def kl_to_reference(
     device = next(model.parameters()).device
     eos_ids = _eos_ids(model, tokenizer)
     k1_all, k3_all, lengths, owners = [], [], [], []
-    batches = _batches(prompts, batch_size)
+    batches = length_sorted_batches(prompts, batch_size)
     with _eval_mode(model), torch.random.fork_rng():
         torch.manual_seed(seed)
         for batch in tqdm(batches, desc="KL to reference", unit="batch", disable=not progress):

@@ -45,6 +45,7 @@ from clinalign.errors import ClinalignError
 from clinalign.models import no_router_logits
 from clinalign.prompts import prompt_messages
 from clinalign.records import DECISIONS, Record
+from clinalign.stats import proportion
 
 # lm-eval's defaults (lm_eval.models.utils): the length used when neither config nor tokenizer says.
 DEFAULT_MAX_LENGTH = 2048
@@ -317,13 +318,12 @@ def _score_questions(model, questions, limit, tokenizer, batch_size, progress) -
 
 
 def mc_accuracy(predictions: Sequence[McPrediction]) -> dict[str, float | int | None]:
-    """acc and acc_norm over the labeled predictions (`n` of them); None when there are none."""
+    """acc and acc_norm over the labeled predictions (`n` of them), each with its Wilson 95% interval
+    (`acc_low`, `acc_high`, ...); None when there are none."""
     labeled = [p for p in predictions if p.gold is not None]
-    n = len(labeled)
-    if not n:
-        return {"acc": None, "acc_norm": None, "n": 0}
+    acc, acc_norm = proportion([p.correct for p in labeled]), proportion([p.correct_norm for p in labeled])
     return {
-        "acc": sum(p.correct for p in labeled) / n,
-        "acc_norm": sum(p.correct_norm for p in labeled) / n,
-        "n": n,
-    }
+        "acc": acc.value, "acc_low": acc.low, "acc_high": acc.high,
+        "acc_norm": acc_norm.value, "acc_norm_low": acc_norm.low, "acc_norm_high": acc_norm.high,
+        "n": len(labeled),
+    }  # fmt: skip

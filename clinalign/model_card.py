@@ -194,6 +194,10 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _bounds(low: float | None, high: float | None) -> str:
+    return "-" if low is None or high is None else f"[{low:.3f}, {high:.3f}]"
+
+
 def _policy_rows(before: dict | None, after: dict) -> list[tuple[str, str, str]]:
     """(group/metric, before, after) for the numeric headline metrics of evaluate_policy results."""
     rows = []
@@ -221,7 +225,7 @@ def metrics_section(info: dict) -> str:
                 lines.append(
                     f"- held-out multiple-choice accuracy ({described}): "
                     f"{_fmt((before or {}).get('acc'))} before -> {_fmt(after.get('acc'))} after "
-                    f"(acc_norm {_fmt((before or {}).get('acc_norm'))} -> {_fmt(after.get('acc_norm'))}, "
+                    f"(95% interval {_bounds(after.get('acc_low'), after.get('acc_high'))}; acc_norm {_fmt((before or {}).get('acc_norm'))} -> {_fmt(after.get('acc_norm'))}, "
                     f"n={after.get('n')})"
                 )
         lines.append(f"- training loss: {_fmt(metrics.get('train_loss_first'))} first step -> "
@@ -240,8 +244,9 @@ def metrics_section(info: dict) -> str:
     elif kind == "reward":
         evaluated = metrics.get("eval") or {}
         if evaluated:
-            rows = [[axis, _fmt(r.get("accuracy")), r.get("n")] for axis, r in evaluated.items()]
-            lines.append(markdown_table(["held-out pairs", "pairwise accuracy", "n"], rows))
+            rows = [[axis, _fmt(r.get("accuracy")), _bounds(r.get("low"), r.get("high")), r.get("n")]
+                    for axis, r in evaluated.items()]
+            lines.append(markdown_table(["held-out pairs", "pairwise accuracy", "95% interval (Wilson)", "n"], rows))
     elif kind == "ppo":
         last = metrics.get("last_log") or {}
         lines.append("- this run measured no held-out metrics: evaluate the adapter with eval/run.py")

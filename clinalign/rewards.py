@@ -33,7 +33,7 @@ from clinalign.errors import ClinalignError
 from clinalign.model_store import ADAPTER_CONFIG, is_adapter_folder, require_safetensors
 from clinalign.models import ensure_pad_token, load_tokenizer, model_type, resolve_model
 from clinalign.prompts import health_prompt_messages
-from clinalign.sampling import PairLengthGrouping
+from clinalign.sampling import PairLengthGrouping, length_sorted_batches
 
 
 class LengthGroupedRewardTrainer(PairLengthGrouping, RewardTrainer):
@@ -198,17 +198,14 @@ def score_responses(
         for prompt, response in zip(prompts, responses, strict=True)
     ]
     device = next(model.parameters()).device
-    scores: list[float] = []
-    for start in range(0, len(texts), batch_size):
-        batch = tokenizer(
-            texts[start : start + batch_size],
-            return_tensors="pt",
-            padding=True,
-            truncation=True,
-            max_length=max_length,
-            add_special_tokens=False,  # the chat template already holds them
-        ).to(device)
-        scores.extend(model(**batch).logits[:, 0].float().tolist())
+    encode = dict(truncation=True, max_length=max_length, add_special_tokens=False)  # the template holds them
+    lengths = tokenizer(texts, **encode)["input_ids"]
+    scores: list[float] = [0.0] * len(texts)
+    # Batches of similar length: padding a short safety answer to a PubMedQA abstract is wasted compute.
+    for batch in length_sorted_batches(lengths, batch_size):
+        padded = tokenizer([texts[i] for i in batch], return_tensors="pt", padding=True, **encode).to(device)
+        for i, score in zip(batch, model(**padded).logits[:, 0].float().tolist(), strict=True):
+            scores[i] = score
     return scores
 
 

@@ -5,12 +5,24 @@ batch of that length costs. transformers' `train_sampling_strategy: group_by_len
 by length within random buckets, but (a) for fewer than 8 x batch examples its buckets hold a single
 batch, so nothing is grouped, and (b) it reads an `input_ids` column, which preference datasets
 (chosen / rejected) do not have. `BucketedLengthSampler` fixes (a); `PairLengthGrouping` (b).
+At inference, where order does not matter, `length_sorted_batches` sorts everything by length.
 """
 
 from __future__ import annotations
 
 import torch
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
+
+from clinalign.errors import ClinalignError
+
+
+def length_sorted_batches(sequences: list, batch_size: int) -> list[list[int]]:
+    """Indices of `sequences` in batches of similar length, longest first (little padding); the caller
+    restores the order."""
+    if batch_size < 1:
+        raise ClinalignError(f"batch_size must be at least 1, got {batch_size}")
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 class BucketedLengthSampler(LengthGroupedSampler):

@@ -8,7 +8,8 @@ chat messages, a response is a string or an assistant message list. A line may c
 canonical record, for factuality against its gold answer) or `reference` (free text, ROUGE-L).
 Each output line is the input plus `reward`, `factuality`, `safety` and `failed_checks` (for pairs,
 one such block per side under `scores`). A bad line is reported with its number and skipped. The
-summary (count, mean reward, per-check failure rates; pairwise accuracy for pairs) is printed last
+summary (count; mean reward, safety and factuality with bootstrap 95% intervals; per-check failure
+rates; pairwise accuracy with its Wilson interval for pairs) is printed last
 and written to `--summary` (default: next to the output).
 """
 
@@ -29,6 +30,7 @@ from clinalign.prompts import free_text_messages, health_prompt_messages
 from clinalign.records import Record
 from clinalign.rewards import completion_text, final_answer, load_reward_model, prompt_text, score_responses
 from clinalign.safety import check_safety, load_checks
+from clinalign.stats import bootstrap_mean, proportion
 
 
 @dataclasses.dataclass
@@ -151,9 +153,8 @@ def main(args: ScoreArgs):
 def summarize(scored: list[dict], n_responses: int, check_failures: Counter, bad_lines: list[dict]) -> dict:
     results = [r for row in scored for r in ([row] if "reward" in row else row["scores"].values())]
 
-    def mean(key):
-        values = [r[key] for r in results if r[key] is not None]
-        return sum(values) / len(values) if values else None
+    def mean(key):  # the mean with its BCa bootstrap 95% interval: {"value", "low", "high", "n", "method"}
+        return bootstrap_mean([r[key] for r in results]).as_dict()
 
     pairs = [row["scores"] for row in scored if "scores" in row]
     summary = {
@@ -167,7 +168,7 @@ def summarize(scored: list[dict], n_responses: int, check_failures: Counter, bad
         "skipped_lines": bad_lines,
     }
     if pairs and pairs[0]["chosen"]["reward"] is not None:
-        summary["pair_accuracy"] = sum(p["chosen"]["reward"] > p["rejected"]["reward"] for p in pairs) / len(pairs)
+        summary["pair_accuracy"] = proportion([p["chosen"]["reward"] > p["rejected"]["reward"] for p in pairs]).as_dict()
     return summary
 
 

@@ -9,7 +9,8 @@ TRL's RewardTrainer (Bradley-Terry: -log sigmoid(r_chosen - r_rejected - margin)
 centering) on a one-logit classification head over the base model, optionally with an SFT stage
 adapter merged in first. LoRA trains the backbone; the `score` head is trained in full and saved
 with the adapter (`modules_to_save`). The `margin` column of reward/pairs.py output is used.
-Held-out pairwise accuracy, overall and per axis (factuality, safety), goes to metrics.json: on the
+Held-out pairwise accuracy, overall and per axis (factuality, safety), each with its Wilson 95%
+interval, goes to metrics.json: on the
 `eval_pairs` file (pairs on the questions every stage holds out) and the `eval_fraction` split of `pairs`.
 """
 
@@ -32,6 +33,7 @@ from clinalign.models import ensure_pad_token, load_tokenizer, model_init_kwargs
 from clinalign.preferences import read_pairs, split_pairs
 from clinalign.resume import RunIdentity, resume_checkpoint
 from clinalign.rewards import LengthGroupedRewardTrainer, restore_score_dtype, reward_backbone, score_responses
+from clinalign.stats import fmt, proportion
 from clinalign.tracking import log_measurements
 
 
@@ -72,7 +74,12 @@ def pairwise_accuracy(model, tokenizer, rows: list[dict], reasoning_effort: str 
     for row, c, r in zip(rows, chosen, rejected, strict=True):
         by_axis["overall"].append(c > r)
         by_axis[row.get("axis", "unknown")].append(c > r)
-    return {axis: {"accuracy": sum(hits) / len(hits), "n": len(hits)} for axis, hits in sorted(by_axis.items())}
+    # Each axis with its Wilson 95% interval: {"accuracy", "low", "high", "n"}.
+    return {axis: _accuracy(proportion(hits)) for axis, hits in sorted(by_axis.items())}
+
+
+def _accuracy(interval) -> dict:
+    return {"accuracy": interval.value, "low": interval.low, "high": interval.high, "n": interval.n}
 
 
 def reward_dataset(rows: list[dict], reasoning_effort: str = "low") -> Dataset:
@@ -141,7 +148,7 @@ def main(script_args: RewardScriptArgs, training_args: RewardConfig, model_args:
         write_resolved_config(training_args.output_dir, script_args, training_args, model_args)
         write_model_card(training_args.output_dir)  # replaces PEFT's placeholder README.md
         for axis, result in metrics["eval"].items():
-            print(f"[reward] held-out pairwise accuracy {axis}: {result['accuracy']:.3f} (n={result['n']})")
+            print(f"[reward] held-out pairwise accuracy {axis}: {fmt(result['accuracy'], result['low'], result['high'], result['n'], 3)}")
     return metrics
 
 

@@ -43,6 +43,7 @@ from clinalign.sft import (
     stage_dir,
     stage_examples,
 )
+from clinalign.stats import fmt
 from clinalign.tables import markdown_table
 from clinalign.tracking import log_measurements
 
@@ -229,14 +230,14 @@ def _read_metrics(path: Path) -> dict:
 
 
 def _table(summary: list[dict]) -> str:
-    def fmt(value, digits=3):
+    def number(value, digits=3):
         return "-" if value is None else f"{value:.{digits}f}"
 
     def acc(value):
-        return "-" if not value else f"{value['acc']:.3f}"
+        return "-" if not value else fmt(value["acc"], value["acc_low"], value["acc_high"], value["n"], 3)
 
     rows = [
-        [m.get("stage"), fmt(m.get("train_loss_first")), fmt(m.get("train_loss_last")), fmt(m.get("eval_loss")),
+        [m.get("stage"), number(m.get("train_loss_first")), number(m.get("train_loss_last")), number(m.get("eval_loss")),
          acc(m.get("chat_accuracy_before")), acc(m.get("chat_accuracy_after")),
          acc(m.get("lm_eval_accuracy_before")), acc(m.get("lm_eval_accuracy_after"))]
         for m in summary

@@ -122,8 +122,12 @@ def test_mc_accuracy_counts_labeled_predictions_only():
         prediction("yes", "maybe", "maybe"),
         prediction("yes", "yes", None),
     ]
-    assert mc_accuracy(predictions) == {"acc": 1 / 3, "acc_norm": 1.0, "n": 3}
-    assert mc_accuracy(predictions[3:]) == {"acc": None, "acc_norm": None, "n": 0}
+    # Wilson 95% by hand: 1 of 3 -> (2.9207 -+ 2.5000) / 6.8415 = [0.0615, 0.7923]; 3 of 3 -> [0.4385, 1].
+    assert mc_accuracy(predictions) == pytest.approx(
+        {"acc": 1 / 3, "acc_low": 0.0615, "acc_high": 0.7923, "acc_norm": 1.0, "acc_norm_low": 0.4385,
+         "acc_norm_high": 1.0, "n": 3}, abs=1e-4)  # fmt: skip
+    assert mc_accuracy(predictions[3:]) == {"acc": None, "acc_low": None, "acc_high": None, "acc_norm": None,
+                                            "acc_norm_low": None, "acc_norm_high": None, "n": 0}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -55,6 +55,8 @@ def test_sft_stage_card_names_the_hub_id_data_counts_and_metrics(sft_stage, hub_
     assert f"held-out eval loss: {metrics['eval_loss']:.4g}" in card
     assert f"{metrics['chat_accuracy_after']['acc']:.4g} after" in card and "the chat format this stage trained on" in card
     assert f"{metrics['lm_eval_accuracy_after']['acc']:.4g} after" in card
+    after = metrics["chat_accuracy_after"]
+    assert f"(95% interval [{after['acc_low']:.3f}, {after['acc_high']:.3f}]; acc_norm" in card
     assert "curriculum:" in card and "lora_r: 4" in card  # the resolved config
 
 
@@ -69,7 +71,7 @@ def test_reward_card_reports_pairs_and_held_out_accuracy(tiny_reward_model, tiny
     assert f"`{tiny_pairs}`" in card
     assert f"preference pairs: {metrics['pairs']['train']} trained on, {metrics['pairs']['eval']} held out" in card
     for axis, result in metrics["eval"].items():
-        assert f"| {axis} | {result['accuracy']:.4g} | {result['n']} |" in card
+        assert f"| {axis} | {result['accuracy']:.4g} | [{result['low']:.3f}, {result['high']:.3f}] | {result['n']} |" in card
     assert "`score` head" in card
 
 

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from clinalign.rewards import load_reward_model, reward_backbone, score_responses
+from clinalign.stats import wilson
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,6 +28,10 @@ def test_training_changes_head_and_lora_and_reports_per_axis(tiny_reward_model, 
     metrics = json.loads((tiny_reward_model / "metrics.json").read_text())
     assert set(metrics["eval"]) >= {"overall", "factuality", "safety"}
     assert metrics["eval"]["overall"]["n"] == metrics["pairs"]["eval"]
+    for axis, result in metrics["eval"].items():  # each accuracy with its Wilson interval
+        expected = wilson(round(result["accuracy"] * result["n"]), result["n"])
+        assert (result["low"], result["high"]) == pytest.approx((expected.low, expected.high)), axis
+        assert result["low"] <= result["accuracy"] <= result["high"]
     # held out: the eval_fraction split of the pairs file plus every pair of the eval_pairs file
     n_pairs, n_heldout = (len(path.read_text().splitlines()) for path in (tiny_pairs, tiny_heldout_pairs))
     assert metrics["pairs"]["train"] + metrics["pairs"]["eval"] == n_pairs + n_heldout
@@ -75,6 +80,15 @@ def test_score_script_scores_lines_and_skips_bad_ones(tiny_reward_model, tmp_pat
     assert pair["chosen"]["factuality"] == 1.0 and pair["rejected"]["factuality"] == 0.0
     assert all(isinstance(r["reward"], float) for r in (out[0], out[1], pair["chosen"], pair["rejected"]))
     assert json.loads((tmp_path / "out.jsonl.summary.json").read_text())["responses"] == 4
+    # Means carry their bootstrap interval and n; pair accuracy its Wilson interval (1 pair here).
+    rewards = [out[0]["reward"], out[1]["reward"], pair["chosen"]["reward"], pair["rejected"]["reward"]]
+    mean_reward = summary["mean_reward"]
+    assert mean_reward["n"] == 4 and mean_reward["value"] == pytest.approx(sum(rewards) / 4)
+    assert mean_reward["low"] <= mean_reward["value"] <= mean_reward["high"]
+    accuracy = summary["pair_accuracy"]
+    assert accuracy["n"] == 1 and accuracy["value"] == float(pair["chosen"]["reward"] > pair["rejected"]["reward"])
+    expected = wilson(round(accuracy["value"]), 1)
+    assert (accuracy["low"], accuracy["high"]) == pytest.approx((expected.low, expected.high))
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("[score] {")
 
 
@@ -169,3 +183,24 @@ def test_two_identical_runs_train_the_same_reward_model(tiny_pairs, tmp_path):
         weights.append(load_file(str(out / "adapter_model.safetensors")))
     assert weights[0].keys() == weights[1].keys() and any("score" in k for k in weights[0])
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_length_sorted_scoring_keeps_each_score_with_its_response(tiny_reward_model):
+    # score_responses batches by length, not in input order: every score must still land on its own row.
+    model, tokenizer = load_reward_model(str(tiny_reward_model), dtype="float32")
+    prompts = [[{"role": "user", "content": "dose " * n}] for n in (3, 40, 1, 25, 8)]
+    responses = ["take it " * m for m in (30, 2, 12, 5, 1)]
+    one_by_one = [score_responses(model, tokenizer, [p], [r], batch_size=1)[0] for p, r in zip(prompts, responses)]
+    batched = score_responses(model, tokenizer, prompts, responses, batch_size=2)
+    assert batched == pytest.approx(one_by_one, abs=1e-4)
+    assert score_responses(model, tokenizer, prompts[::-1], responses[::-1], batch_size=2)[::-1] == pytest.approx(batched, abs=1e-4)
+    assert len(set(round(s, 4) for s in batched)) > 1  # distinct inputs, distinct scores: a mix-up would show
+
+
+def test_reward_scoring_benchmark_scores_the_same_sequences_both_ways(monkeypatch, capsys):
+    # benchmarks/reward_scoring.py on the tiny model: both paths run and agree score for score.
+    monkeypatch.setattr("sys.argv", ["reward_scoring.py", "--model", "tiny-llama", "--repeat", "1", "--batch_size", "8"])
+    runpy.run_path(str(REPO / "benchmarks" / "reward_scoring.py"), run_name="__main__")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("[reward_scoring] 119 sequences")  # 40 held-out questions + 79 safety prompts
+    assert float(lines[-1].rsplit(" ", 1)[-1]) < 0.05  # largest score difference: rounding only
