@@ -136,7 +136,7 @@ def test_the_score_reader_scores_every_good_line_and_counts_every_bad_one(tmp_pa
     comes out scored and unchanged in order, and every other line is a counted skip with its number."""
     import runpy
 
-    from hypothesis import HealthCheck, given, settings
+    from hypothesis import HealthCheck, example, given, settings
     from hypothesis import strategies as st
 
     entry = runpy.run_path(str(REPO / "reward" / "score.py"), run_name="score_fuzz")
@@ -157,6 +157,7 @@ def test_the_score_reader_scores_every_good_line_and_counts_every_bad_one(tmp_pa
 
     @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
     @given(st.lists(line, min_size=1, max_size=15))
+    @example([("unknown", b"\xef\xbb\xbf")])  # a file of only a BOM: blank, neither scored nor skipped
     def check(lines):
         folder = tmp_path_factory.mktemp("score")
         source = folder / "in.jsonl"
@@ -165,7 +166,9 @@ def test_the_score_reader_scores_every_good_line_and_counts_every_bad_one(tmp_pa
             ["--input", str(source), "--output", str(folder / "out.jsonl")]))  # fmt: skip
         scored = [json.loads(x) for x in (folder / "out.jsonl").read_text().split("\n") if x]  # not splitlines: U+0085
         skipped = [s["line"] for s in summary["skipped_lines"]]
-        nonblank = [i for i, (_, raw) in enumerate(lines, 1) if raw.strip()]
+        # A UTF-8 byte-order mark opening the file marks its encoding, not content: a line of only that is blank.
+        content = [raw[3:] if i == 1 and raw.startswith(b"\xef\xbb\xbf") else raw for i, (_, raw) in enumerate(lines, 1)]
+        nonblank = [i for i, raw in enumerate(content, 1) if raw.strip()]
         assert len(scored) + len(skipped) == len(nonblank)
         assert set(skipped) <= set(nonblank)
         good = [json.loads(raw) for kind, raw in lines if kind == "good"]
