@@ -365,9 +365,15 @@ def completion_nll(
                 ids[row, : len(tokens)] = torch.tensor(tokens)
                 attention[row, : len(tokens)] = 1
                 scored[row, : len(tokens)] = torch.tensor(mask, dtype=torch.bool)
-            logits = model(input_ids=ids.to(device), attention_mask=attention.to(device), **no_router_logits(model)).logits
-            targets, scored = ids[:, 1:].to(device), scored[:, 1:].to(device)  # position t predicts token t + 1
-            # Only the reply's positions reach the (float32) log-softmax over the vocabulary.
+            # Only positions from the batch's earliest reply token on reach the vocabulary projection
+            # (position t predicts token t + 1): a long prompt's logits are never made, which for
+            # GPT-OSS's 201k-token vocabulary is most of the memory of the batch.
+            first = int(scored.int().argmax(-1).min())
+            logits = model(
+                input_ids=ids.to(device), attention_mask=attention.to(device), logits_to_keep=width - first + 1,
+                **no_router_logits(model),
+            ).logits  # fmt: skip
+            targets, scored = ids[:, first:].to(device), scored[:, first:].to(device)
             logp = torch.log_softmax(logits[:, :-1][scored].float(), dim=-1).gather(-1, targets[scored][:, None])
             for i, row in zip(batch, torch.split(logp.squeeze(-1), scored.sum(-1).tolist()), strict=True):
                 values[i] = -row.mean().item()

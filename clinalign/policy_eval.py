@@ -46,12 +46,17 @@ from clinalign.tasks import SafetyPrompt
 
 @dataclasses.dataclass
 class MeasureArgs:
-    """How `evaluate_policy` generates: declared once for eval/run.py and rl/tune_kl.py, so the beta a
-    grid picks is measured the way the final report measures it."""
+    """How much of the held-out set `evaluate_policy` generates on and scores NLL on, and how: declared once
+    for eval/run.py and rl/tune_kl.py, so the beta a grid picks is measured the way the final report
+    measures it."""
 
     max_generated_per_dataset: int | None = dataclasses.field(
         default=None,
         metadata={"help": "Held-out questions answered by generation per dataset (null: all); multiple choice scores all."},
+    )
+    max_nll_per_dataset: int | None = dataclasses.field(
+        default=None,
+        metadata={"help": "Held-out labelled questions whose reply NLL is measured per dataset (null: all; the first N)."},
     )
     max_new_tokens: int = dataclasses.field(default=96, metadata={"help": "Greedy tokens per generated answer."})
     kl_max_new_tokens: int = dataclasses.field(default=48, metadata={"help": "Sampled tokens per KL response."})
@@ -125,6 +130,7 @@ def evaluate_policy(
     multiple_choice: bool = True,
     nll: bool = True,
     max_generated_per_dataset: int | None = None,
+    max_nll_per_dataset: int | None = None,
     max_new_tokens: int = 96,
     kl_max_new_tokens: int = 48,
     kl_max_prompts: int = 16,
@@ -138,7 +144,8 @@ def evaluate_policy(
     `intervals` and eval's paired comparisons read (item keys: "SOURCE:ID" for records, "safety:ID").
 
     Multiple-choice scoring covers every record; `max_generated_per_dataset` caps only the records
-    answered by generation (the first N per dataset), which cost far more. `reward` is a (reward model,
+    answered by generation (the first N per dataset), which cost far more, and `max_nll_per_dataset` the
+    labelled records whose reply NLL is measured (the first N). `reward` is a (reward model,
     tokenizer) pair or None; `reference` a model sharing the tokenizer, an adapter name of the policy
     (e.g. TRL's frozen "ref"), or None to compare against the policy's own base (adapters disabled);
     `kl=False` skips KL. `reasoning_effort`: the harmony setting the policy was trained with (GPT-OSS
@@ -183,7 +190,7 @@ def evaluate_policy(
             items[source]["mc_acc"] = {k: p.correct for k, p in labeled}
             items[source]["mc_acc_norm"] = {k: p.correct_norm for k, p in labeled}
         if nll:
-            answered_records = [records[i] for i in indices if records[i].answer is not None]
+            answered_records = [records[i] for i in indices if records[i].answer is not None][:max_nll_per_dataset]
             # Batches of 8, like multiple-choice scoring, not generation's width: long examples (PubMedQA
             # abstracts) run faster in narrow batches on a CPU (README, Benchmarks).
             values = completion_nll(model, tokenizer, answered_records, batch_size=8, reasoning_effort=reasoning_effort)

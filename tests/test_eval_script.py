@@ -116,6 +116,19 @@ def test_generation_cap_leaves_multiple_choice_uncapped(tmp_path, tiny_sft_adapt
         assert len(results["sft"]["items"][dataset]["mc_acc"]) == results["sft"][dataset]["n_mc"]
 
 
+
+def test_nll_cap_scores_the_first_labelled_records_and_nothing_else(tmp_path, tiny_sft_adapter):
+    config = write_config(tmp_path, tiny_sft_adapter, max_records_per_dataset=None, max_generated_per_dataset=1,
+                          max_nll_per_dataset=3, safety_prompts=None, reference=None)  # fmt: skip
+    results = run_eval(config)
+    groups = [g for g, items in results["sft"]["items"].items() if "nll" in items]
+    assert {"medmcqa", "pubmedqa"} <= set(groups)
+    for dataset in groups:
+        items = results["sft"]["items"][dataset]
+        assert len(items["mc_acc"]) > 3
+        assert list(items["nll"]) == list(items["mc_acc"])[:3]  # the first three; multiple choice uncapped
+    assert results["sft"]["headline"]["nll"]["n"] == 3 * len(groups)
+
 def test_headline_metrics_reach_tensorboard(tmp_path, tiny_sft_adapter):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
