@@ -59,6 +59,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/convert_throughput.py
 	$(BIN)/python benchmarks/eval_throughput.py
 	$(BIN)/python benchmarks/reward_scoring.py
+	$(BIN)/python benchmarks/generation_batch.py --widths 24 16 32 52
 
 # SFT on real published records, base vs every stage on their test side (needs ../shared/data/real; ~30 min).
 efficacy: $(STAMP)

@@ -23,9 +23,14 @@ no answer: raise max_new_tokens or lower the reasoning effort when it is high).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from collections import Counter, defaultdict
+from importlib import metadata
+from pathlib import Path
 
 from clinalign import tasks
+from clinalign.adapters import PROVENANCE_FILE
 from clinalign.evaluation import (
     Generation,
     answer_items,
@@ -36,6 +41,7 @@ from clinalign.evaluation import (
     kl_to_reference,
     uses_harmony,
 )
+from clinalign.json_io import write_json
 from clinalign.mc_eval import mc_accuracy, score_multiple_choice
 from clinalign.prompts import free_text_messages, prompt_messages
 from clinalign.records import Record
@@ -256,3 +262,75 @@ def interval(metric: str, values: dict) -> dict:
     if flags and all(isinstance(v, bool) for v in flags):
         return proportion(flags).as_dict()
     return bootstrap_mean(flags).as_dict()
+
+
+# ----------------------------------------------------------------------------------------------
+# A stored measurement: rl/tune_kl.py measures every beta's adapter as eval/run.py would, so eval
+# reuses the chosen one's numbers instead of measuring the same model on the same items again.
+
+MEASUREMENT_FILE = "measurement.json"
+# The code a measurement's numbers come from: any edit to it makes a stored measurement stale.
+MEASURING_CODE = ("policy_eval.py", "evaluation.py", "mc_eval.py", "prompts.py", "tasks.py", "safety.py",
+                  "safety_checks.yaml", "clinical_knowledge.yaml", "factuality.py", "rewards.py", "stats.py")  # fmt: skip
+
+
+def _folder_digest(folder: str | Path | None) -> str | None:
+    """A model folder's weights, configs, tokenizer and provenance (names and bytes), with the SFT adapter
+    merged into it if its provenance names one (a reward model)."""
+    if folder is None:
+        return None
+    folder, digest = Path(folder), hashlib.sha256()
+    for path in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.json")):
+        if path.name != MEASUREMENT_FILE:
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    provenance = folder / PROVENANCE_FILE
+    merged = json.loads(provenance.read_text()).get("merged_adapter") if provenance.is_file() else None
+    if merged:
+        digest.update(str(_folder_digest(merged)).encode())
+    return digest.hexdigest()
+
+
+def measurement_key(
+    *,
+    base: str,
+    adapter: str | Path,
+    records: list[Record],
+    safety_prompts: list[SafetyPrompt],
+    reward_model: str | Path | None,
+    reference: tuple[str, str | Path | None] | None,
+    settings: dict,
+) -> str:
+    """Everything `evaluate_policy`'s numbers depend on, hashed: the model (base name, adapter folder),
+    the items, the reward model, the KL reference (base, adapter) or None, the settings (MeasureArgs,
+    batch size, reasoning effort, dtype), the measuring code and the library versions."""
+    code = Path(__file__).parent
+    content = {
+        "model": [base, _folder_digest(adapter)],
+        "reference": None if reference is None else [reference[0], _folder_digest(reference[1])],
+        "reward_model": _folder_digest(reward_model),
+        "records": [dataclasses.asdict(r) for r in records],
+        "safety_prompts": [dataclasses.asdict(p) for p in safety_prompts],
+        "settings": settings,
+        "code": {name: hashlib.sha256((code / name).read_bytes()).hexdigest() for name in MEASURING_CODE},
+        "versions": {lib: metadata.version(lib) for lib in ("torch", "transformers", "peft")},
+    }
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def measurement_settings(measure_kwargs: dict, *, batch_size: int, reasoning_effort: str, dtype: str, kl: bool) -> dict:
+    """The settings part of `measurement_key`, built the same way by every caller."""
+    return {**measure_kwargs, "batch_size": batch_size, "reasoning_effort": reasoning_effort, "dtype": dtype, "kl": kl}
+
+
+def store_measurement(folder: str | Path, key: str, results: dict) -> None:
+    write_json(Path(folder) / MEASUREMENT_FILE, {"key": key, "results": results})
+
+
+def stored_measurement(folder: str | Path, key: str) -> dict | None:
+    """The results stored in `folder` under exactly this key; None when there are none, or they are another's."""
+    path = Path(folder) / MEASUREMENT_FILE
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return stored.get("results") if isinstance(stored, dict) and stored.get("key") == key else None

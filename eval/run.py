@@ -16,6 +16,11 @@ none) with a paired test and a verdict (clinalign.eval_report). Writes OUTPUT_DI
 dataset -> metric, plus each model's per-item values, "headline" intervals and "comparison"), report.md
 (headline table, comparisons, multiple-choice letter distributions) and PNG bar charts with error bars,
 and prints the headline table last.
+
+An adapter folder holding rl/tune_kl.py's measurement.json (every beta's run, so the chosen DPO) is not
+measured again when its key matches: the same adapter and base, items, reward model, KL reference,
+settings, measuring code and library versions (clinalign.policy_eval.measurement_key); otherwise, or
+with `reuse_measurements: false`, it is measured like every other model. report.md names the models taken.
 """
 
 from __future__ import annotations
@@ -34,7 +39,14 @@ from clinalign.json_io import write_json
 from clinalign.model_store import is_adapter_folder
 from clinalign.models import load_policy, resolve_model
 from clinalign.plots import metric_bars
-from clinalign.policy_eval import MeasureArgs, evaluate_policy
+from clinalign.policy_eval import (
+    MEASUREMENT_FILE,
+    MeasureArgs,
+    evaluate_policy,
+    measurement_key,
+    measurement_settings,
+    stored_measurement,
+)
 from clinalign.rewards import load_reward_model
 from clinalign.tasks import load_safety_prompts
 
@@ -79,6 +91,12 @@ class EvalArgs(MeasureArgs):
         default="none",
         metadata={"help": "tensorboard: headline metrics (value, low, high) to OUTPUT_DIR/runs/eval.",
                   "choices": ["none", "tensorboard"]},
+    )  # fmt: skip
+    reuse_measurements: bool = dataclasses.field(
+        default=True,
+        metadata={"help": f"Take an adapter's {MEASUREMENT_FILE} (written by rl/tune_kl.py) instead of measuring it, "
+                          "when the model, items, reward model, reference, settings, code and library versions all "
+                          "match; false: measure every model."},
     )  # fmt: skip
     output_dir: str = dataclasses.field(
         default="runs/demo/eval", metadata={"help": "Where metrics, report and charts go."}
@@ -151,9 +169,25 @@ def main(args: EvalArgs):
         ref = ModelSpec.parse(-1, {"name": "reference", **args.reference})
         reference = load_policy(ref.base, ref.adapter, dtype=args.dtype)[0]
 
-    results, rows = {}, {}
+    settings = measurement_settings(args.measure_kwargs(), batch_size=args.batch_size,
+                                    reasoning_effort=args.reasoning_effort, dtype=args.dtype, kl=reference is not None)  # fmt: skip
+    results, rows, reused = {}, {}, []
     for spec in specs:
         print(f"[eval] {spec.name}: {spec.base}" + (f" + {spec.adapter}" if spec.adapter else ""))
+        stored = None
+        if args.reuse_measurements and spec.adapter and (Path(spec.adapter) / MEASUREMENT_FILE).is_file():
+            stored = stored_measurement(spec.adapter, measurement_key(
+                base=spec.base, adapter=spec.adapter, records=held_out, safety_prompts=safety,
+                reward_model=args.reward_model, reference=(ref.base, ref.adapter) if reference is not None else None,
+                settings=settings))  # fmt: skip
+            print(f"[eval] {spec.name}: " + (f"the measurement in {spec.adapter}/{MEASUREMENT_FILE} has the same model, "
+                  "items, reward model, reference, settings and code: taken, not measured again" if stored else
+                  f"{spec.adapter}/{MEASUREMENT_FILE} was made with something else: measuring"))  # fmt: skip
+        if stored is not None:
+            results[spec.name] = stored
+            results[spec.name]["headline"] = rows[spec.name] = headline(stored)
+            reused.append(spec.name)
+            continue
         model, tokenizer = load_policy(spec.base, spec.adapter, dtype=args.dtype)
         results[spec.name] = evaluate_policy(
             model,
@@ -187,7 +221,9 @@ def main(args: EvalArgs):
         f"{'all' if args.max_generated_per_dataset is None else f'first {args.max_generated_per_dataset}'} "
         f"per dataset), {len(safety)} safety prompts; KL reference: {args.reference or 'none'}; "
         f"reward model: {args.reward_model or 'none'}.\n\n"
-        "Each cell: value [95% interval] n. Datasets are pooled (metrics.json has each dataset); Wilson "
+        + (f"Taken from rl/tune_kl.py's {MEASUREMENT_FILE} (the same model, items, reward model, reference, "
+           f"settings and code), not measured again: {', '.join(reused)}.\n\n" if reused else "")
+        + "Each cell: value [95% interval] n. Datasets are pooled (metrics.json has each dataset); Wilson "
         "intervals for shares, bootstrap for scores and BLEU (clinalign.eval_report).\n\n"
         + table
         + "\n\n## Paired comparisons\n\nEach model minus its baseline on the same items: McNemar's exact "

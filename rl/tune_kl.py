@@ -16,7 +16,9 @@ best objective within `kl_budget`; among betas whose intervals overlap the best 
 a tie, and the report says so) and writes frontier.md / frontier.json (the rule, the table, whether it
 was a tie), frontier.png (KL vs objective with intervals), chosen/ (the chosen run's adapter: the
 method's result, so nothing is trained twice) and chosen_<method>.yaml: the base config with the
-chosen beta, which rl/dpo.py (or rl/ppo.py) accepts as it is.
+chosen beta, which rl/dpo.py (or rl/ppo.py) accepts as it is. Each run's folder keeps its measurement
+(measurement.json, keyed by everything it depends on), which eval/run.py takes for the chosen adapter
+instead of measuring the same model on the same items again.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from clinalign.errors import ClinalignError
 from clinalign.eval_report import headline
 from clinalign.json_io import write_json
 from clinalign.plots import kl_frontier
-from clinalign.policy_eval import MeasureArgs, evaluate_policy
+from clinalign.policy_eval import MeasureArgs, evaluate_policy, measurement_key, measurement_settings, store_measurement
 from clinalign.ppo import PPOArgs, build_ppo_trainer, rl_prompts
 from clinalign.rewards import load_reward_model
 from clinalign.run_dir import remove_inside
@@ -120,6 +122,17 @@ def train_one(method: str, configs: tuple, held_out: dict, reward) -> dict:
     trainer.save_model(training_args.output_dir)
     if trainer.accelerator.is_main_process:
         write_adapter_provenance(Path(training_args.output_dir), model_args.model_name_or_path, trainer.model)
+        # What eval/run.py would measure for this adapter, with what it depends on: eval reuses it for the
+        # chosen run instead of measuring the same model on the same items a second time.
+        measure_kwargs = {f.name: held_out[f.name] for f in dataclasses.fields(MeasureArgs)}
+        key = measurement_key(
+            base=model_args.model_name_or_path, adapter=training_args.output_dir, records=held_out["records"],
+            safety_prompts=held_out["safety_prompts"], reward_model=method_args.reward_model,
+            reference=(model_args.model_name_or_path, method_args.sft_adapter),
+            settings=measurement_settings(measure_kwargs, batch_size=held_out["batch_size"],
+                                          reasoning_effort=held_out["reasoning_effort"], dtype=model_args.dtype, kl=True),
+        )  # fmt: skip
+        store_measurement(training_args.output_dir, key, measured)
     row = {
         "beta": training_args.beta,
         "preference_accuracy": preference,
@@ -179,7 +192,8 @@ def main(args: TuneKLArgs):
             tasks.split(load_safety_prompts(method_args.safety_prompts), eval_fraction)[1] if method_args.safety_prompts else []
         )[: args.eval_max_safety_prompts],
     }
-    reward = load_reward_model(method_args.reward_model) if method_args.reward_model else None
+    # In the policy's dtype, as eval/run.py loads it: a stored measurement must be the one eval would make.
+    reward = load_reward_model(method_args.reward_model, dtype=base[2].dtype) if method_args.reward_model else None
 
     rows = []
     for beta in args.grid:

@@ -156,3 +156,14 @@ def test_test_data_is_evaluated_whole_and_never_twice(tmp_path, tiny_sft_adapter
                          data=[], test_data=[str(REPO / "clinalign/sample_data/medqa_us_test.jsonl")] * 2)
     with pytest.raises(ConfigError, match="is evaluated twice"):
         run_eval(twice)
+
+
+def test_generation_batch_benchmark_runs_every_width_on_eval_s_prompts(monkeypatch, capsys):
+    # benchmarks/generation_batch.py on the tiny model: eval's 103 demo generations, each width timed.
+    monkeypatch.setattr("sys.argv", ["generation_batch.py", "--model", "tiny-llama", "--widths", "24", "52",
+                                     "--max_new_tokens", "4"])  # fmt: skip
+    runpy.run_path(str(REPO / "benchmarks" / "generation_batch.py"), run_name="__main__")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("[generation_batch] 103 answers")  # first 8 held-out questions x 3 + 79 safety
+    widths = [line for line in lines if line.startswith("width")]
+    assert len(widths) == 2 and widths[0].endswith("103/103 answers identical")

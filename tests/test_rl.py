@@ -411,3 +411,53 @@ def test_tune_kl_over_three_betas(tmp_path, tiny_pairs, tiny_sft_adapter):
     chosen = entry("rl/dpo.py")["make_parser"]().parse(["--config", str(out / "chosen_dpo.yaml")])
     assert chosen[1].beta == result["chosen"]["beta"]
     assert chosen[0].pairs == str(tiny_pairs)
+
+
+def test_eval_takes_tune_kls_measurement_of_the_chosen_adapter_only_when_everything_matches(
+    tmp_path, tiny_pairs, tiny_sft_adapter, tiny_reward_model, capsys
+):
+    # tune_kl stores what eval would measure for each beta's adapter; eval takes the chosen one's instead of
+    # measuring it again. Its numbers must be the ones eval measures itself, and any difference in what the
+    # measurement depends on (here: generated tokens) must make eval measure afresh.
+    data = str(REPO / "clinalign/sample_data/medmcqa_train.jsonl")
+    base = yaml.safe_load((REPO / "configs/rl/tiny_dpo.yaml").read_text())
+    base.update(pairs=str(tiny_pairs), sft_adapter=str(tiny_sft_adapter), reward_model=str(tiny_reward_model),
+                eval_data=[data])  # fmt: skip
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    grid = yaml.safe_load((REPO / "configs/rl/tiny_tune_kl.yaml").read_text())
+    grid.update(base_config=str(tmp_path / "base.yaml"), grid=[0.3], objective="rm_score", eval_max_records=None,
+                eval_max_safety_prompts=None, output_dir=str(tmp_path / "grid"), kl_max_prompts=3,
+                max_generated_per_dataset=2)  # fmt: skip
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
+    run_main("rl/tune_kl.py", "--config", str(tmp_path / "grid.yaml"))
+    chosen = tmp_path / "grid" / "chosen"
+    assert (chosen / "measurement.json").is_file()
+
+    def evaluate(name: str, *extra: str) -> dict:
+        config = {
+            "models": [{"name": "sft", "base": "tiny-llama", "adapter": str(tiny_sft_adapter)},
+                       {"name": "dpo", "base": "tiny-llama", "adapter": str(chosen)}],
+            "data": [data], "reward_model": str(tiny_reward_model),
+            "reference": {"base": "tiny-llama", "adapter": str(tiny_sft_adapter)},
+            "dtype": "float32", "batch_size": 8, "max_new_tokens": 8, "kl_max_new_tokens": 8, "kl_max_prompts": 3,
+            "max_generated_per_dataset": 2, "output_dir": str(tmp_path / name),
+        }  # fmt: skip
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(config))
+        capsys.readouterr()
+        return run_main("eval/run.py", "--config", str(tmp_path / f"{name}.yaml"), *extra)
+
+    taken = evaluate("taken")
+    out = capsys.readouterr().out
+    assert "[eval] dpo: the measurement in" in out and "taken, not measured again" in out
+    assert "[eval] sft: the measurement" not in out  # an SFT stage has none: measured
+    assert "not measured again: dpo." in (tmp_path / "taken" / "report.md").read_text()
+    measured = evaluate("measured", "--reuse_measurements", "false")
+    assert "taken, not measured again" not in capsys.readouterr().out
+    headline_taken, headline_measured = taken["dpo"]["headline"], measured["dpo"]["headline"]
+    assert set(headline_taken) == set(headline_measured) and {"rm_score", "kl_k3", "safety_score"} <= set(headline_taken)
+    for metric, iv in headline_measured.items():
+        assert headline_taken[metric]["n"] == iv["n"], metric
+        assert headline_taken[metric]["value"] == pytest.approx(iv["value"], abs=1e-5), metric
+    assert taken["dpo"]["comparison"]["metrics"].keys() == measured["dpo"]["comparison"]["metrics"].keys()
+    evaluate("other", "--max_new_tokens", "6")
+    assert "was made with something else: measuring" in capsys.readouterr().out
