@@ -34,3 +34,15 @@ def log_measurements(trainer, measurements: dict, prefix: str) -> dict[str, floa
     if flat:
         trainer.log(dict(flat))
     return flat
+
+
+def open_trackers(trainer) -> None:
+    """Starts the trainer's tracker callbacks for a run that skips `Trainer.train` (a restored finished
+    checkpoint). Trackers pick their folder or run in on_train_begin; without it TensorBoard's writer
+    falls back to ./runs/<date>_<host> in the working directory, outside the run's output folder."""
+    from transformers.integrations import INTEGRATION_TO_CALLBACK
+
+    trackers = tuple(INTEGRATION_TO_CALLBACK.values())
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, trackers):
+            callback.on_train_begin(trainer.args, trainer.state, trainer.control, model=trainer.model)

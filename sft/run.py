@@ -45,7 +45,7 @@ from clinalign.sft import (
 )
 from clinalign.stats import fmt
 from clinalign.tables import markdown_table
-from clinalign.tracking import log_measurements
+from clinalign.tracking import log_measurements, open_trackers
 
 
 @dataclasses.dataclass
@@ -152,6 +152,7 @@ def main(script_args: SFTScriptArgs, training_args: SFTConfig, model_args: Model
         last = broadcast_object_list([last])[0]  # every process resumes from the same step
         if restore_finished_checkpoint(trainer, last):
             runtime = None  # trained before the kill: nothing to run again
+            open_trackers(trainer)  # train() would have: the stage's measurements go under output_dir
         else:
             runtime = trainer.train(resume_from_checkpoint=last).metrics.get("train_runtime")
         metrics = {

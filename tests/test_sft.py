@@ -211,13 +211,18 @@ def test_kill_in_stage_two_then_resume(tmp_path):
     assert metrics["global_step"] == 6
 
 
-def test_a_kill_after_training_resumes_without_an_extra_step(tmp_path):
+def test_a_kill_after_training_resumes_without_an_extra_step(tmp_path, monkeypatch):
     """Killed after the last step (during the stage's eval or publishing), the rerun restores the final
-    checkpoint instead of training: it used to run step 3 of max_steps 2."""
+    checkpoint instead of training: it used to run step 3 of max_steps 2. The restored run's tracker
+    writes under the run's folder: it used to write runs/<date>_<host>/ in the working directory."""
     import shutil
 
     config = yaml.safe_load(Path(TINY).read_text())
-    config["curriculum"] = [{"name": "medqa", "data": "clinalign/sample_data/medqa_us_test.jsonl", "max_steps": 2}]
+    medqa = str(REPO / "clinalign" / "sample_data" / "medqa_us_test.jsonl")
+    config["curriculum"] = [{"name": "medqa", "data": medqa, "max_steps": 2}]
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
     config.update(eval_max_records=2, keep_checkpoints=True, output_dir=str(tmp_path / "run"), report_to="tensorboard")
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
     entry = runpy.run_path(str(REPO / "sft" / "run.py"), run_name="sft_test")
@@ -233,10 +238,16 @@ def test_a_kill_after_training_resumes_without_an_extra_step(tmp_path):
     for layout in ("chat", "lm_eval"):
         after = metrics[f"{layout}_accuracy_after"]
         assert events.Scalars(f"eval/sft/1-medqa/{layout}_accuracy_after/acc")[-1].value == pytest.approx(after["acc"])
+    def event_files():
+        return list((tmp_path / "run").glob("checkpoints/1-medqa/runs/*/events.out.tfevents.*"))
+
+    trained_run_events = len(event_files())
     shutil.rmtree(stage)  # what a kill before publishing leaves: the checkpoints, no stage
     entry["main"](*entry["make_parser"]().parse(["--config", str(tmp_path / "c.yaml")]))
     metrics = json.loads((stage / "metrics.json").read_text())
     assert (metrics["resumed_from_step"], metrics["global_step"]) == (2, 2)
+    assert list(workdir.iterdir()) == []  # nothing outside the run's output folder
+    assert len(event_files()) > trained_run_events  # the restored run's measurements reached the tracker
     assert all(torch.equal(v, lora_weights(stage)[k]) for k, v in trained.items())
 
 
