@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 from collections import Counter, defaultdict
 from importlib import metadata
@@ -227,8 +228,13 @@ def evaluate_policy(
         )  # fmt: skip
         overall["rm_score"] = sum(scores) / len(scores) if scores else None
         items["overall"]["rm_score"] = dict(zip(question_keys + [tasks.TASKS["safety"].key(p) for p in safety_prompts], scores))
-    kl_keys = (question_keys[: kl_max_prompts // 2] + [tasks.TASKS["safety"].key(p) for p in safety_prompts])[:kl_max_prompts]
-    kl_prompts = (question_messages[: kl_max_prompts // 2] + safety_messages)[:kl_max_prompts]
+    # Half the KL prompts are questions, taken in turn from each dataset: the first N alone were all
+    # the first dataset's (PubMedQA: the longest prompts, one dataset's KL).
+    by_dataset = [[j for j, i in enumerate(generated) if records[i].source == s] for s in sorted(by_source)]
+    in_turn = [j for group in itertools.zip_longest(*by_dataset) for j in group if j is not None][: kl_max_prompts // 2]
+    safety_keys = [tasks.TASKS["safety"].key(p) for p in safety_prompts]
+    kl_keys = ([question_keys[j] for j in in_turn] + safety_keys)[:kl_max_prompts]
+    kl_prompts = ([question_messages[j] for j in in_turn] + safety_messages)[:kl_max_prompts]
     if kl and kl_prompts and (reference is not None or hasattr(model, "disable_adapter")):
         measured = kl_to_reference(
             model, reference, tokenizer, kl_prompts, max_new_tokens=kl_max_new_tokens,

@@ -61,6 +61,21 @@ class RewardScriptArgs:
         metadata={"help": "Harmony reasoning effort of the prompts (GPT-OSS): the SFT stages' setting.",
                   "choices": ["low", "medium", "high"]},
     )  # fmt: skip
+    lora_top_layers: int | None = dataclasses.field(
+        default=None,
+        metadata={"help": "The reward LoRA on the last N decoder layers only (PEFT's layers_to_transform); null: all. "
+                          "The backward pass stops below them."},
+    )  # fmt: skip
+
+
+def top_layers(model, n: int | None) -> list[int] | None:
+    """Indices of the last `n` decoder layers of `model` (None: all layers)."""
+    if n is None:
+        return None
+    depth = model.config.num_hidden_layers
+    if not 1 <= n <= depth:
+        raise ConfigError(f"lora_top_layers must be between 1 and the model's {depth} layers, got {n}")
+    return list(range(depth - n, depth))
 
 
 def pairwise_accuracy(model, tokenizer, rows: list[dict], reasoning_effort: str = "low") -> dict:
@@ -119,6 +134,7 @@ def main(script_args: RewardScriptArgs, training_args: RewardConfig, model_args:
     # The head is new: it must be trained in full and saved with the adapter, or it is re-initialised on load.
     peft_config = get_peft_config(dataclasses.replace(model_args, lora_task_type="SEQ_CLS"))
     peft_config.modules_to_save = sorted(set(peft_config.modules_to_save or []) | {"score"})
+    peft_config.layers_to_transform = top_layers(model, script_args.lora_top_layers)
 
     trainer = LengthGroupedRewardTrainer(
         model=model, args=training_args, train_dataset=train_dataset, processing_class=tokenizer, peft_config=peft_config

@@ -338,3 +338,23 @@ def test_letter_bias_shows_a_model_that_answers_a_to_everything():
     bias = letter_bias(predictions)
     assert bias["predicted"] == {"A": 5} and bias["gold"] == {"A": 1, "B": 2, "C": 1, "D": 1}
     assert (bias["modal"], bias["modal_share"], bias["gold_modal_share"], bias["n"]) == ("A", 1.0, 0.4, 5)
+
+
+def test_kl_questions_are_taken_in_turn_from_every_dataset(tiny_sft_adapter):
+    # The first kl_max_prompts // 2 questions used to be the first dataset's alone (all PubMedQA).
+    from clinalign.data import load_records
+    from clinalign.policy_eval import evaluate_policy
+    from clinalign.tasks import load_safety_prompts
+
+    files = ("pubmedqa_ori_pqal.json", "medmcqa_train.jsonl", "medqa_us_test.jsonl")
+    records = [r for f in files for r in load_records(f"clinalign/sample_data/{f}").records[:3]]
+    safety = load_safety_prompts("clinalign/sample_data/safety_prompts.jsonl")[:4]
+    model, tokenizer = load_policy("tiny-llama", tiny_sft_adapter, dtype="float32")
+    results = evaluate_policy(
+        model, tokenizer, records=records, safety_prompts=safety, multiple_choice=False, nll=False,
+        max_generated_per_dataset=2, max_new_tokens=2, kl_max_new_tokens=2, kl_max_prompts=8,
+    )  # fmt: skip
+    keys = list(results["items"]["overall"]["kl_k1"])
+    assert [k.split(":")[0] for k in keys[:4]] == ["medmcqa", "medqa", "pubmedqa", "medmcqa"]
+    assert all(k.startswith("safety:") for k in keys[4:]) and len(keys) == 8
+    assert results["overall"]["n"] == 8

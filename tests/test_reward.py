@@ -204,3 +204,20 @@ def test_reward_scoring_benchmark_scores_the_same_sequences_both_ways(monkeypatc
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("[reward_scoring] 119 sequences")  # 40 held-out questions + 79 safety prompts
     assert float(lines[-1].rsplit(" ", 1)[-1]) < 0.05  # largest score difference: rounding only
+
+
+def test_lora_top_layers_trains_the_last_layers_only_and_reloads(tiny_pairs, tmp_path):
+    from clinalign.errors import ConfigError
+
+    entry = runpy.run_path(str(REPO / "reward" / "train.py"), run_name="rm_top_layers")
+    args = ["--config", str(REPO / "configs/reward/tiny.yaml"), "--pairs", str(tiny_pairs), "--output_dir",
+            str(tmp_path), "--max_steps", "2", "--learning_rate", "1e-2", "--lora_top_layers", "1"]  # fmt: skip
+    entry["main"](*entry["make_parser"]().parse(args))
+    saved = load_file(str(tmp_path / "adapter_model.safetensors"))
+    lora = {k: v for k, v in saved.items() if "lora_" in k}
+    assert lora and all(".layers.1." in k for k in lora)  # the tiny Llama has layers 0 and 1
+    assert all(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)  # B starts at zero: it moved
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["layers_to_transform"] == [1]
+    load_reward_model(str(tmp_path), dtype="float32")  # rebuilds with the saved layer choice
+    with pytest.raises(ConfigError, match="lora_top_layers must be between 1 and the model's 2 layers, got 3"):
+        entry["main"](*entry["make_parser"]().parse(args[:-1] + ["3"]))
