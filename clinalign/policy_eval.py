@@ -134,6 +134,7 @@ def evaluate_policy(
     reward=None,
     reference=None,
     kl: bool = True,
+    reference_is_policy: bool = False,
     multiple_choice: bool = True,
     nll: bool = True,
     max_generated_per_dataset: int | None = None,
@@ -155,7 +156,9 @@ def evaluate_policy(
     labelled records whose reply NLL is measured (the first N). `reward` is a (reward model,
     tokenizer) pair or None; `reference` a model sharing the tokenizer, an adapter name of the policy
     (e.g. TRL's frozen "ref"), or None to compare against the policy's own base (adapters disabled);
-    `kl=False` skips KL. `reasoning_effort`: the harmony setting the policy was trained with (GPT-OSS
+    `kl=False` skips KL; `reference_is_policy=True` (the policy has the reference's weights: eval's SFT
+    model) records KL 0 on every KL prompt, what the estimate gives on identical log-probabilities,
+    without sampling. `reasoning_effort`: the harmony setting the policy was trained with (GPT-OSS
     only; sft/run.py's default is "low").
     """
     results: dict[str, dict] = {}
@@ -235,7 +238,12 @@ def evaluate_policy(
     safety_keys = [tasks.TASKS["safety"].key(p) for p in safety_prompts]
     kl_keys = ([question_keys[j] for j in in_turn] + safety_keys)[:kl_max_prompts]
     kl_prompts = ([question_messages[j] for j in in_turn] + safety_messages)[:kl_max_prompts]
-    if kl and kl_prompts and (reference is not None or hasattr(model, "disable_adapter")):
+    if kl and kl_prompts and reference_is_policy:
+        # k1 = sum(logp - logp_ref) and k3 = sum(exp(-r) - 1 + r) are exactly 0 when both log-probs are one model's.
+        overall.update(kl_k1=0.0, kl_k3=0.0, n=len(kl_prompts) * kl_num_samples)
+        for metric in ("kl_k1", "kl_k3"):
+            items["overall"][metric] = dict.fromkeys(kl_keys, 0.0)
+    elif kl and kl_prompts and (reference is not None or hasattr(model, "disable_adapter")):
         measured = kl_to_reference(
             model, reference, tokenizer, kl_prompts, max_new_tokens=kl_max_new_tokens,
             num_samples=kl_num_samples, batch_size=batch_size, progress=progress,
@@ -294,6 +302,11 @@ def _folder_digest(folder: str | Path | None) -> str | None:
     if merged:
         digest.update(str(_folder_digest(merged)).encode())
     return digest.hexdigest()
+
+
+def same_model(base: str, adapter: str | Path | None, other_base: str, other_adapter: str | Path | None) -> bool:
+    """Whether two (base, adapter folder) specs are one model: the same base name and adapter bytes."""
+    return base == other_base and _folder_digest(adapter) == _folder_digest(other_adapter)
 
 
 def measurement_key(

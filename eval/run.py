@@ -45,6 +45,7 @@ from clinalign.policy_eval import (
     evaluate_policy,
     measurement_key,
     measurement_settings,
+    same_model,
     stored_measurement,
 )
 from clinalign.rewards import load_reward_model
@@ -197,6 +198,8 @@ def main(args: EvalArgs):
             reward=reward,
             reference=reference,
             kl=reference is not None,
+            # The SFT model is the KL reference itself: its KL is 0, no need to sample and score it
+            reference_is_policy=reference is not None and same_model(spec.base, spec.adapter, ref.base, ref.adapter),
             **args.measure_kwargs(),
             batch_size=args.batch_size,
             reasoning_effort=args.reasoning_effort,

@@ -10,8 +10,9 @@ policy for as many steps as the final run would (the base config's max_steps unl
 set), saves the adapter, then measures it on the whole held-out set with clinalign.policy_eval
 (`max_generated_per_dataset`, `max_new_tokens` and the `kl_*` settings: give them eval/run.py's
 values, so a beta is picked on the numbers the final report gives its model), each metric with its 95%
-interval: preference accuracy (DPO), multiple-choice accuracy, safety score, reward-model score and
-KL(policy || SFT reference) per sequence. It picks a beta by CHOICE_RULE (the
+interval: multiple-choice accuracy, safety score, reward-model score and KL(policy || SFT reference)
+per sequence; for DPO, held-out preference accuracy of the chosen run (of every run with
+`preference_every_beta`, or when it is the objective: a pair eval costs a third of a run's training). It picks a beta by CHOICE_RULE (the
 best objective within `kl_budget`; among betas whose intervals overlap the best one's, the largest:
 a tie, and the report says so) and writes frontier.md / frontier.json (the rule, the table, whether it
 was a tie), frontier.png (KL vs objective with intervals), chosen/ (the chosen run's adapter: the
@@ -84,6 +85,11 @@ class TuneKLArgs(MeasureArgs):  # measured as eval/run.py measures
     eval_max_pairs: int | None = dataclasses.field(
         default=None, metadata={"help": "DPO: at most this many held-out pairs for preference accuracy (null: all)."}
     )
+    preference_every_beta: bool = dataclasses.field(
+        default=False,
+        metadata={"help": "DPO: held-out preference accuracy for every beta, not the chosen run's only (a pair eval "
+                          "per beta: ~70 s each on the demo); always every beta when it is the objective."},
+    )  # fmt: skip
     output_dir: str = dataclasses.field(
         default="runs/demo/tune_kl", metadata={"help": "Where the runs and the frontier go."}
     )
@@ -96,11 +102,13 @@ def method_parser(method: str) -> Parser:
 MEASURED = ("mc_acc", "gen_acc", "safety_score", "rm_score", "kl_k1", "kl_k3")
 
 
-def train_one(method: str, configs: tuple, held_out: dict, reward) -> dict:
-    """Train one beta, save its adapter, then measure it; returns the row of the frontier table."""
+def train_one(method: str, configs: tuple, held_out: dict, reward, pair_eval: bool = True) -> dict:
+    """Train one beta, save its adapter, then measure it; returns the row of the frontier table.
+    `pair_eval=False`: no held-out preference accuracy (`preference_accuracy` adds it later)."""
     method_args, training_args, model_args = configs
     if method == "dpo":
         train_rows, eval_rows = dpo_pairs(method_args)
+        eval_rows = eval_rows if pair_eval else []
         trainer = build_dpo_trainer(method_args, training_args, model_args, train_rows, eval_rows)
     else:
         records = [r for source in method_args.data for r in load_records(source).records]
@@ -115,7 +123,7 @@ def train_one(method: str, configs: tuple, held_out: dict, reward) -> dict:
     measured = evaluate_policy(trainer.model, trainer.processing_class, reference="ref", reward=reward, **held_out)
     intervals = {k: v for k, v in headline(measured).items() if k in MEASURED}
     if preference is not None:
-        intervals["preference_accuracy"] = wilson(round(preference * len(eval_rows)), len(eval_rows)).as_dict()
+        intervals["preference_accuracy"] = preference_interval(preference, len(eval_rows))
     # Each beta's run reaches the trackers its config names (eval/tune_kl/beta_<b>/<metric>: value, low, high).
     log_measurements(trainer, {f"beta_{training_args.beta:g}": intervals}, "tune_kl")
     # Every point is a finished run: the chosen one is the method's result, not trained a second time.
@@ -145,6 +153,30 @@ def train_one(method: str, configs: tuple, held_out: dict, reward) -> dict:
     del trainer
     gc.collect()
     return row
+
+
+def preference_interval(accuracy: float, n: int) -> dict:
+    return wilson(round(accuracy * n), n).as_dict()
+
+
+def preference_accuracy(configs: tuple, adapter: str | Path) -> dict | None:
+    """Held-out preference accuracy (TRL's eval `rewards/accuracies`, with its interval) of a finished DPO
+    run's adapter, measured after the grid: the run's trainer rebuilt from the SFT policy (whose frozen
+    "ref" copy is the run's reference), the run's trained weights loaded into the trained adapter. The
+    same number the run's own trainer gives after training; None without held-out pairs."""
+    from peft import load_peft_weights, set_peft_model_state_dict
+
+    method_args, training_args, model_args = configs
+    train_rows, eval_rows = dpo_pairs(method_args)
+    if not eval_rows:
+        return None
+    trainer = build_dpo_trainer(method_args, training_args, model_args, train_rows, eval_rows)
+    adapter_name = trainer.model.active_adapter  # the trained one; "ref" is the frozen SFT copy
+    set_peft_model_state_dict(trainer.model, load_peft_weights(str(adapter)), adapter_name=adapter_name)
+    accuracy = trainer.evaluate()["eval_rewards/accuracies"]
+    del trainer
+    gc.collect()
+    return preference_interval(accuracy, len(eval_rows))
 
 
 CHOICE_RULE = (
@@ -195,7 +227,9 @@ def main(args: TuneKLArgs):
     # In the policy's dtype, as eval/run.py loads it: a stored measurement must be the one eval would make.
     reward = load_reward_model(method_args.reward_model, dtype=base[2].dtype) if method_args.reward_model else None
 
-    rows = []
+    # A pair eval costs what a third of the training does; unless it is the objective, only the chosen run has one.
+    every_pair_eval = args.preference_every_beta or args.objective == "preference_accuracy"
+    rows, configs = [], {}
     for beta in args.grid:
         run_args = [
             "--config",
@@ -211,10 +245,15 @@ def main(args: TuneKLArgs):
             run_args += ["--max_steps", str(args.max_steps)]
         if args.method == "dpo" and args.eval_max_pairs is not None:
             run_args += ["--pairs_eval_max", str(args.eval_max_pairs)]
-        rows.append(train_one(args.method, method_parser(args.method).parse(run_args), held_out, reward))
+        configs[beta] = method_parser(args.method).parse(run_args)
+        rows.append(train_one(args.method, configs[beta], held_out, reward, pair_eval=every_pair_eval))
         print(f"[tune_kl] {args.method} beta {beta:g}: " + ", ".join(f"{k} {v}" for k, v in rows[-1].items()))
 
     best, within_budget, tied = choose(rows, args.objective, args.kl_estimator, args.kl_budget)
+    if args.method == "dpo" and not every_pair_eval:
+        measured = preference_accuracy(configs[best["beta"]], best["adapter"])
+        if measured is not None:
+            best["preference_accuracy"], best["intervals"]["preference_accuracy"] = measured["value"], measured
     chosen_adapter = output_dir / "chosen"  # the chosen run's adapter: what rl/dpo.py (or ppo.py) would have made
     if chosen_adapter.exists():
         remove_inside(chosen_adapter, output_dir)
@@ -238,7 +277,9 @@ def main(args: TuneKLArgs):
             else "Not a tie: no other beta's interval overlaps the best one's."
         )
         + ("" if within_budget else " NO beta met the KL budget: the lowest-KL one was taken.")
-    )
+        + ("" if args.method != "dpo" or every_pair_eval else
+           " Held-out preference accuracy: the chosen run's only (preference_every_beta: true measures every beta).")
+    )  # fmt: skip
     (output_dir / "frontier.md").write_text(verdict + "\n\n" + table + "\n")
     write_json(
         output_dir / "frontier.json",

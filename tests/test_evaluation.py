@@ -358,3 +358,28 @@ def test_kl_questions_are_taken_in_turn_from_every_dataset(tiny_sft_adapter):
     assert [k.split(":")[0] for k in keys[:4]] == ["medmcqa", "medqa", "pubmedqa", "medmcqa"]
     assert all(k.startswith("safety:") for k in keys[4:]) and len(keys) == 8
     assert results["overall"]["n"] == 8
+
+
+def test_a_policy_that_is_its_reference_gets_the_kl_the_estimate_gives_without_sampling(tiny_sft_adapter):
+    # eval's SFT model is its own KL reference: sampling and scoring it twice gives exactly 0 on every
+    # prompt, which `reference_is_policy` records without the work. Same prompts, same keys, same values.
+    from clinalign.data import load_records
+    from clinalign.policy_eval import evaluate_policy, same_model
+    from clinalign.tasks import load_safety_prompts
+
+    records = load_records("clinalign/sample_data/medmcqa_train.jsonl").records[:3]
+    safety = load_safety_prompts("clinalign/sample_data/safety_prompts.jsonl")[:3]
+    model, tokenizer = load_policy("tiny-llama", tiny_sft_adapter, dtype="float32")
+    reference = load_policy("tiny-llama", tiny_sft_adapter, dtype="float32")[0]
+    common = dict(records=records, safety_prompts=safety, multiple_choice=False, nll=False, reference=reference,
+                  max_generated_per_dataset=2, max_new_tokens=2, kl_max_new_tokens=4, kl_max_prompts=4)  # fmt: skip
+    sampled = evaluate_policy(model, tokenizer, **common)
+    known = evaluate_policy(model, tokenizer, reference_is_policy=True, **common)
+    for metric in ("kl_k1", "kl_k3"):
+        assert known["items"]["overall"][metric] == sampled["items"]["overall"][metric]
+        assert set(sampled["items"]["overall"][metric].values()) == {0.0} and len(sampled["items"]["overall"][metric]) == 4
+        assert known["overall"][metric] == sampled["overall"][metric] == 0.0
+    assert known["overall"]["n"] == sampled["overall"]["n"] == 4
+    assert same_model("tiny-llama", tiny_sft_adapter, "tiny-llama", tiny_sft_adapter)
+    assert not same_model("tiny-llama", tiny_sft_adapter, "tiny-llama", None)
+    assert not same_model("tiny-llama", None, "tiny-gpt-oss", None)

@@ -394,6 +394,12 @@ def test_tune_kl_over_three_betas(tmp_path, tiny_pairs, tiny_sft_adapter):
         assert r["intervals"]["kl_k3"]["n"] == 3 and r["intervals"]["safety_score"]["n"] >= 1
         # Generated answers capped as eval caps them (1 of the 2 questions); multiple choice scores both.
         assert r["intervals"]["gen_acc"]["n"] == 1 and r["intervals"]["mc_acc"]["n"] == 2
+    # Held-out preference accuracy (the objective here is safety_score): the chosen run's only, on the 4 pairs.
+    for r in result["rows"]:
+        measured = r["intervals"].get("preference_accuracy")
+        assert (measured is not None) == (r is result["chosen"]), r["beta"]
+    assert result["chosen"]["intervals"]["preference_accuracy"]["n"] == 4
+    assert "the chosen run's only" in (out / "frontier.md").read_text()
     # Each beta's measurements reached its run's tracker, interval bounds included.
     first = result["rows"][0]
     scalars = tensorboard_scalars(Path(first["adapter"]))
@@ -413,9 +419,34 @@ def test_tune_kl_over_three_betas(tmp_path, tiny_pairs, tiny_sft_adapter):
     assert chosen[0].pairs == str(tiny_pairs)
 
 
+def test_the_chosen_runs_preference_accuracy_is_the_one_its_own_trainer_gave(tmp_path, tiny_pairs, tiny_sft_adapter):
+    # Measured after the grid from a rebuilt trainer (SFT policy, the run's weights loaded), it must equal the
+    # pair eval the run's own trainer makes right after training (preference_every_beta).
+    base = yaml.safe_load((REPO / "configs/rl/tiny_dpo.yaml").read_text())
+    base.update(pairs=str(tiny_pairs), sft_adapter=str(tiny_sft_adapter), eval_max_records=2, learning_rate=5e-2,
+                eval_data=[str(REPO / "clinalign/sample_data/medmcqa_train.jsonl")])  # fmt: skip
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    tune_kl = entry("rl/tune_kl.py")
+    result = run_main("rl/tune_kl.py", "--config", str(REPO / "configs/rl/tiny_tune_kl.yaml"),
+                      "--base_config", str(tmp_path / "base.yaml"), "--output_dir", str(tmp_path / "grid"),
+                      "--grid", "0.3", "--preference_every_beta", "true", "--eval_max_records", "2",
+                      "--kl_max_prompts", "2", "--max_generated_per_dataset", "1")  # fmt: skip
+    row = result["rows"][0]
+    after_training = row["intervals"]["preference_accuracy"]
+    configs = tune_kl["method_parser"]("dpo").parse(
+        ["--config", str(tmp_path / "base.yaml"), "--beta", "0.3", "--output_dir", str(tmp_path / "again"),
+         "--pairs_eval_max", "4", "--save_strategy", "no"])  # fmt: skip
+    rebuilt = tune_kl["preference_accuracy"](configs, row["adapter"])
+    assert rebuilt == after_training and rebuilt["n"] == 4
+    # The SFT policy against itself has zero rewards and no accurate pair: the run's weights were loaded.
+    assert after_training["value"] > 0
+
+
 def test_eval_takes_tune_kls_measurement_of_the_chosen_adapter_only_when_everything_matches(
-    tmp_path, tiny_pairs, tiny_sft_adapter, tiny_reward_model, capsys
+    tmp_path, tiny_pairs, tiny_sft_adapter, tiny_reward_model, capsys, monkeypatch
 ):
+    from clinalign.evaluation import kl_to_reference
+
     # tune_kl stores what eval would measure for each beta's adapter; eval takes the chosen one's instead of
     # measuring it again. Its numbers must be the ones eval measures itself, and any difference in what the
     # measurement depends on (here: generated tokens) must make eval measure afresh.
@@ -446,12 +477,21 @@ def test_eval_takes_tune_kls_measurement_of_the_chosen_adapter_only_when_everyth
         capsys.readouterr()
         return run_main("eval/run.py", "--config", str(tmp_path / f"{name}.yaml"), *extra)
 
+    import clinalign.policy_eval as policy_eval
+
+    sampled_kl = []
+    monkeypatch.setattr(policy_eval, "kl_to_reference",
+                        lambda model, *a, **kw: sampled_kl.append(model) or kl_to_reference(model, *a, **kw))  # fmt: skip
     taken = evaluate("taken")
     out = capsys.readouterr().out
+    # The sft model is the KL reference: KL 0 on each of the 3 KL prompts, recorded, not sampled.
+    assert sampled_kl == [] and taken["sft"]["headline"]["kl_k3"]["value"] == 0.0
+    assert set(taken["sft"]["items"]["overall"]["kl_k3"].values()) == {0.0} and taken["sft"]["headline"]["kl_k3"]["n"] == 3
     assert "[eval] dpo: the measurement in" in out and "taken, not measured again" in out
     assert "[eval] sft: the measurement" not in out  # an SFT stage has none: measured
     assert "not measured again: dpo." in (tmp_path / "taken" / "report.md").read_text()
     measured = evaluate("measured", "--reuse_measurements", "false")
+    assert len(sampled_kl) == 1  # dpo, now measured here
     assert "taken, not measured again" not in capsys.readouterr().out
     headline_taken, headline_measured = taken["dpo"]["headline"], measured["dpo"]["headline"]
     assert set(headline_taken) == set(headline_measured) and {"rm_score", "kl_k3", "safety_score"} <= set(headline_taken)
