@@ -48,7 +48,7 @@ from clinalign.run_dir import remove_inside
 from clinalign.stats import fmt, intervals_overlap, wilson
 from clinalign.tables import markdown_table
 from clinalign.tasks import load_safety_prompts
-from clinalign.tracking import log_measurements
+from clinalign.tracking import log_measurements, open_trackers
 
 OBJECTIVES = ("rm_score", "safety_score", "mc_acc", "gen_acc", "preference_accuracy")
 
@@ -173,6 +173,7 @@ def preference_accuracy(configs: tuple, adapter: str | Path) -> dict | None:
     trainer = build_dpo_trainer(method_args, training_args, model_args, train_rows, eval_rows)
     adapter_name = trainer.model.active_adapter  # the trained one; "ref" is the frozen SFT copy
     set_peft_model_state_dict(trainer.model, load_peft_weights(str(adapter)), adapter_name=adapter_name)
+    open_trackers(trainer)  # no train(): without it TensorBoard would log to ./runs/ in the working directory
     accuracy = trainer.evaluate()["eval_rewards/accuracies"]
     del trainer
     gc.collect()

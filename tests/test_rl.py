@@ -419,11 +419,14 @@ def test_tune_kl_over_three_betas(tmp_path, tiny_pairs, tiny_sft_adapter):
     assert chosen[0].pairs == str(tiny_pairs)
 
 
-def test_the_chosen_runs_preference_accuracy_is_the_one_its_own_trainer_gave(tmp_path, tiny_pairs, tiny_sft_adapter):
+def test_the_chosen_runs_preference_accuracy_is_the_one_its_own_trainer_gave(
+    tmp_path, tiny_pairs, tiny_sft_adapter, monkeypatch
+):
     # Measured after the grid from a rebuilt trainer (SFT policy, the run's weights loaded), it must equal the
     # pair eval the run's own trainer makes right after training (preference_every_beta).
     base = yaml.safe_load((REPO / "configs/rl/tiny_dpo.yaml").read_text())
     base.update(pairs=str(tiny_pairs), sft_adapter=str(tiny_sft_adapter), eval_max_records=2, learning_rate=5e-2,
+                report_to="tensorboard",
                 eval_data=[str(REPO / "clinalign/sample_data/medmcqa_train.jsonl")])  # fmt: skip
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
     tune_kl = entry("rl/tune_kl.py")
@@ -436,8 +439,13 @@ def test_the_chosen_runs_preference_accuracy_is_the_one_its_own_trainer_gave(tmp
     configs = tune_kl["method_parser"]("dpo").parse(
         ["--config", str(tmp_path / "base.yaml"), "--beta", "0.3", "--output_dir", str(tmp_path / "again"),
          "--pairs_eval_max", "4", "--save_strategy", "no"])  # fmt: skip
+    scratch = tmp_path / "cwd"
+    scratch.mkdir()
+    monkeypatch.chdir(scratch)  # its trainer never trains: trackers must still log inside its run folder
     rebuilt = tune_kl["preference_accuracy"](configs, row["adapter"])
     assert rebuilt == after_training and rebuilt["n"] == 4
+    assert list(scratch.iterdir()) == []
+    assert any((tmp_path / "again").rglob("events.out.tfevents.*"))
     # The SFT policy against itself has zero rewards and no accurate pair: the run's weights were loaded.
     assert after_training["value"] > 0
 
